@@ -1,0 +1,815 @@
+"""Exact structured per-sample input Hessians for ``Linear``/activation stacks.
+
+For a network built from affine layers and elementwise activations the per-sample input
+Hessian of a scalar ``y`` has the closed form ("Hessian backpropagation")
+
+.. math::
+
+    H(x) = \\sum_l J_l(x)^\\top \\operatorname{diag}\\big(\\sigma_l''(z_l) \\odot g_l\\big) J_l(x)
+           \\; + \\; J_{out}^\\top C \\, J_{out},
+
+where :math:`z_l` is the input of the :math:`l`-th activation, :math:`J_l = \\partial z_l /
+\\partial x`, :math:`g_l = \\partial y / \\partial \\sigma_l(z_l)` and :math:`C` is the curvature
+of an optional loss with respect to the network output. The Jacobians are propagated forward
+as batched matrices and the :math:`g_l` come from a single (batched) backward pass, so the
+whole Hessian costs roughly one forward pass with ``n`` tangents plus one backward pass,
+instead of ``n`` Hessian-vector products.
+
+The module is private: :func:`torchcurv.per_sample_hessian` dispatches to it for
+``mode="structured"`` and, guided by :func:`prefer_structured`, for ``mode="auto"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "StructuredArgumentError",
+    "UnsupportedLayerError",
+    "prefer_structured",
+    "structured_cost",
+    "structured_input_hessian",
+    "unsupported_layer",
+]
+
+_FN = "structured_input_hessian"
+
+
+class StructuredArgumentError(ValueError):
+    """An argument of :func:`structured_input_hessian` is invalid (shape, index, loss...)."""
+
+
+class UnsupportedLayerError(StructuredArgumentError):
+    """The module contains a layer the structured Hessian path cannot handle."""
+
+
+# --------------------------------------------------------------------------------------------
+# Layer parsing
+# --------------------------------------------------------------------------------------------
+
+_ActKind = Literal[
+    "tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "relu", "leaky", "elu"
+]
+
+_SUPPORTED_NAMES = (
+    "Linear, Tanh, Sigmoid, Softplus, GELU, SiLU, ReLU, LeakyReLU, ELU, Identity, "
+    "Flatten, Unflatten, Dropout (eval mode or p=0), nested Sequential"
+)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str
+    weight: Tensor
+    bias: Tensor | None
+
+
+@dataclass(frozen=True)
+class _Act:
+    name: str
+    kind: _ActKind
+    p1: float = 0.0  # beta / negative_slope / alpha
+    p2: float = 0.0  # softplus threshold
+
+    @property
+    def curved(self) -> bool:
+        """Whether the activation can have a non-zero second derivative."""
+        return self.kind not in ("relu", "leaky")
+
+
+@dataclass(frozen=True)
+class _Flatten:
+    name: str
+    start_dim: int
+    end_dim: int
+
+
+@dataclass(frozen=True)
+class _Unflatten:
+    name: str
+    dim: int
+    sizes: tuple[int, ...]
+
+
+_Op = _Linear | _Act | _Flatten | _Unflatten
+
+
+def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """True if ``module`` is a ``cls`` whose forward is not overridden."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _act_of(name: str, m: nn.Module) -> _Act | None:
+    if _plain(m, nn.Tanh):
+        return _Act(name, "tanh")
+    if _plain(m, nn.Sigmoid):
+        return _Act(name, "sigmoid")
+    if isinstance(m, nn.Softplus) and _plain(m, nn.Softplus):
+        return _Act(name, "softplus", float(m.beta), float(m.threshold))
+    if isinstance(m, nn.GELU) and _plain(m, nn.GELU):
+        if m.approximate == "tanh":
+            return _Act(name, "gelu_tanh")
+        if m.approximate == "none":
+            return _Act(name, "gelu")
+        return None
+    if _plain(m, nn.SiLU):
+        return _Act(name, "silu")
+    if _plain(m, nn.ReLU):
+        return _Act(name, "relu")
+    if isinstance(m, nn.LeakyReLU) and _plain(m, nn.LeakyReLU):
+        return _Act(name, "leaky", float(m.negative_slope))
+    if isinstance(m, nn.ELU) and _plain(m, nn.ELU):
+        return _Act(name, "elu", float(m.alpha))
+    return None
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _parse(module: nn.Module, prefix: str = "") -> list[_Op] | str:
+    """Flatten ``module`` into a list of ops, or return the reason it is unsupported."""
+    label = prefix or "<root>"
+    if _has_hooks(module):
+        return (
+            f"layer {label} ({type(module).__name__}) has forward hooks, which are not supported"
+        )
+    if _plain(module, nn.Sequential):
+        ops: list[_Op] = []
+        for child_name, child in module.named_children():
+            sub = _parse(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if isinstance(sub, str):
+                return sub
+            ops.extend(sub)
+        return ops
+    if isinstance(module, nn.Linear) and _plain(module, nn.Linear):
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            return f"layer {label} (LazyLinear) is not initialised yet; run one forward pass first"
+        return [_Linear(label, module.weight, module.bias)]
+    act = _act_of(label, module)
+    if act is not None:
+        return [act]
+    if isinstance(module, nn.Flatten) and _plain(module, nn.Flatten):
+        if module.start_dim == 0:
+            return f"layer {label} (Flatten) flattens the batch dimension (start_dim=0)"
+        return [_Flatten(label, module.start_dim, module.end_dim)]
+    if isinstance(module, nn.Unflatten) and _plain(module, nn.Unflatten):
+        if not isinstance(module.dim, int) or module.dim == 0:
+            return f"layer {label} (Unflatten) must unflatten a per-sample dim given as an int"
+        sizes = module.unflattened_size
+        if not all(isinstance(s, int) for s in sizes):
+            return f"layer {label} (Unflatten) must use integer sizes"
+        return [_Unflatten(label, module.dim, tuple(int(s) for s in sizes))]
+    if _plain(module, nn.Identity):
+        return []
+    if isinstance(module, nn.Dropout) and _plain(module, nn.Dropout):
+        if module.training and module.p > 0:
+            return (
+                f"layer {label} (Dropout) is in training mode with p={module.p}, which makes the "
+                "function random; call module.eval() or use p=0"
+            )
+        return []
+    return (
+        f"layer {label} ({type(module).__name__}) is not supported; supported: {_SUPPORTED_NAMES}"
+    )
+
+
+def unsupported_layer(module: nn.Module) -> str | None:
+    """Explain why ``module`` cannot use the structured Hessian path.
+
+    Args:
+        module: The network to check.
+
+    Returns:
+        ``None`` if every layer is supported by :func:`structured_input_hessian`, otherwise a
+        human-readable reason naming the first unsupported layer by its qualified name.
+
+    Example:
+        >>> unsupported_layer(nn.Sequential(nn.Linear(2, 3), nn.Tanh())) is None
+        True
+        >>> print(unsupported_layer(nn.Sequential(nn.Linear(2, 3), nn.Conv1d(1, 1, 1))))
+        ... # doctest: +ELLIPSIS
+        layer 1 (Conv1d) is not supported; supported: Linear, Tanh, ...
+    """
+    parsed = _parse(module)
+    return parsed if isinstance(parsed, str) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Shape propagation (shared by the computation and the cost model)
+# --------------------------------------------------------------------------------------------
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _out_shape(op: _Op, cur: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-sample output shape of ``op`` for per-sample input shape ``cur``; raises on mismatch."""
+    full = len(cur) + 1  # including the batch dimension
+    if isinstance(op, _Linear):
+        in_f = op.weight.shape[1]
+        if len(cur) == 0 or cur[-1] != in_f:
+            raise StructuredArgumentError(
+                f"{_FN}: layer {op.name} (Linear) expects per-sample features whose last dim is "
+                f"{in_f}, but receives per-sample shape {cur}; fix the input shape of `x` or add "
+                "an nn.Flatten before it"
+            )
+        return (*cur[:-1], op.weight.shape[0])
+    if isinstance(op, _Act):
+        return cur
+    if isinstance(op, _Flatten):
+        start, end = _norm_dim(op.start_dim, full), _norm_dim(op.end_dim, full)
+        if not (1 <= start < full and 1 <= end < full) or start > end:
+            raise StructuredArgumentError(
+                f"{_FN}: layer {op.name} (Flatten(start_dim={op.start_dim}, end_dim={op.end_dim}))"
+                f" must flatten per-sample feature dims only, but the input is "
+                f"[batch, *{cur}]; use nn.Flatten(start_dim=1)"
+            )
+        i, j = start - 1, end - 1
+        return (*cur[:i], math.prod(cur[i : j + 1]), *cur[j + 1 :])
+    dim = _norm_dim(op.dim, full)
+    if not 1 <= dim < full:
+        raise StructuredArgumentError(
+            f"{_FN}: layer {op.name} (Unflatten(dim={op.dim})) must act on a per-sample feature "
+            f"dim, but the input is [batch, *{cur}]"
+        )
+    sizes = list(op.sizes)
+    if sizes.count(-1) == 1:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = cur[dim - 1] // known if known else 0
+    if math.prod(sizes) != cur[dim - 1]:
+        raise StructuredArgumentError(
+            f"{_FN}: layer {op.name} (Unflatten) cannot unflatten a dim of size {cur[dim - 1]} "
+            f"into {op.sizes}"
+        )
+    return (*cur[: dim - 1], *sizes, *cur[dim:])
+
+
+def _shapes(ops: Sequence[_Op], feature_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes before each op and after the last one (``len(ops) + 1`` entries)."""
+    shapes = [feature_shape]
+    for op in ops:
+        shapes.append(_out_shape(op, shapes[-1]))
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------
+# Activation derivatives (exactly matching torch's autograd formulas, including boundaries)
+# --------------------------------------------------------------------------------------------
+
+
+def _act_derivs(act: _Act, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Return ``(sigma(z), sigma'(z), sigma''(z))``; ``sigma''`` is ``None`` when identically 0."""
+    k = act.kind
+    if k == "tanh":
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        return t, d1, -2 * t * d1
+    if k == "sigmoid":
+        s = torch.sigmoid(z)
+        d1 = s * (1 - s)
+        return s, d1, d1 * (1 - 2 * s)
+    if k == "softplus":
+        beta, thr = act.p1, act.p2
+        bz = z * beta
+        s = torch.sigmoid(bz)
+        # torch: linear region for beta*z > threshold in value/first derivative, but the second
+        # derivative is only non-zero for beta*z < threshold (exactly as autograd computes it).
+        d1 = torch.where(bz > thr, torch.ones_like(s), s)
+        d2 = (s * (1 - s) * beta) * (bz < thr)
+        return F.softplus(z, beta, thr), d1, d2
+    if k == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+        return z * cdf, cdf + z * pdf, pdf * (2 - z * z)
+    if k == "gelu_tanh":
+        c, a = math.sqrt(2 / math.pi), 0.044715
+        z2 = z * z
+        t = torch.tanh(c * (z + a * z2 * z))
+        sech2 = 1 - t * t
+        du = c * (1 + 3 * a * z2)
+        d1 = 0.5 * (1 + t) + 0.5 * z * sech2 * du
+        d2 = sech2 * (du + 0.5 * z * (6 * a * c * z - 2 * t * du * du))
+        return F.gelu(z, approximate="tanh"), d1, d2
+    if k == "silu":
+        s = torch.sigmoid(z)
+        ds = s * (1 - s)
+        return z * s, s + z * ds, ds * (2 + z * (1 - 2 * s))
+    if k == "relu":
+        pos = z > 0
+        return torch.relu(z), pos.to(z.dtype), None
+    if k == "leaky":
+        return F.leaky_relu(z, act.p1), torch.where(z > 0, 1.0, act.p1).to(z.dtype), None
+    # elu: first derivative uses z <= 0, autograd's second derivative uses z < 0.
+    alpha = act.p1
+    e = torch.exp(z) * alpha
+    d1 = torch.where(z <= 0, e, torch.ones_like(e))
+    d2 = e * (z < 0)
+    return F.elu(z, alpha), d1, d2
+
+
+# --------------------------------------------------------------------------------------------
+# Argument validation helpers
+# --------------------------------------------------------------------------------------------
+
+_LOSSES = "torch.nn.functional.cross_entropy or torch.nn.functional.mse_loss"
+
+
+def _select_outputs(output: int | slice | None, m: int) -> tuple[list[int], bool]:
+    """Indices of the selected (flattened) outputs and whether the result is per-output."""
+    if output is None:
+        return list(range(m)), m != 1
+    if isinstance(output, slice):
+        idx = list(range(m))[output]
+        if not idx:
+            raise StructuredArgumentError(
+                f"{_FN}: argument `output`={output!r} selects no outputs of the network, which "
+                f"has {m} outputs per sample; pass a non-empty slice"
+            )
+        return idx, True
+    if isinstance(output, bool) or not isinstance(output, int):
+        raise StructuredArgumentError(
+            f"{_FN}: argument `output` must be None, an int or a slice, got "
+            f"{type(output).__name__} {output!r}"
+        )
+    if not -m <= output < m:
+        raise StructuredArgumentError(
+            f"{_FN}: argument `output`={output} is out of range for a network with {m} outputs "
+            f"per sample (flattened); pass an index in [{-m}, {m - 1}]"
+        )
+    return [output % m], False
+
+
+def _loss_grad_and_curv(
+    loss: Callable[..., Tensor], out: Tensor, targets: Tensor, out_shape: tuple[int, ...]
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Loss gradient w.r.t. the flat output ``[B, m]`` and a ``J -> J C J^T`` closure."""
+    b, m = out.shape
+    if loss is F.cross_entropy:
+        if len(out_shape) != 1:
+            raise StructuredArgumentError(
+                f"{_FN}: argument `loss`=cross_entropy needs a 1-D per-sample output (class "
+                f"logits), but the network output per sample has shape {out_shape}"
+            )
+        p = torch.softmax(out, dim=-1)
+        if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            if targets.shape != (b,):
+                raise StructuredArgumentError(
+                    f"{_FN}: argument `targets` with class indices must have shape [{b}], got "
+                    f"{tuple(targets.shape)}"
+                )
+            if bool(((targets < 0) | (targets >= m)).any()):
+                raise StructuredArgumentError(
+                    f"{_FN}: argument `targets` contains class indices outside [0, {m - 1}]"
+                )
+            onehot = F.one_hot(targets.long(), m).to(out.dtype)
+            grad = p - onehot
+            scale: Tensor | None = None
+        elif targets.is_floating_point():
+            if targets.shape != (b, m):
+                raise StructuredArgumentError(
+                    f"{_FN}: argument `targets` with class probabilities must have shape "
+                    f"[{b}, {m}], got {tuple(targets.shape)}"
+                )
+            t = targets.to(out.dtype)
+            scale = t.sum(dim=-1)
+            grad = p * scale[:, None] - t
+        else:
+            raise StructuredArgumentError(
+                f"{_FN}: argument `targets` for cross_entropy must be int64 class indices or "
+                f"floating class probabilities, got dtype {targets.dtype}"
+            )
+
+        def ce_term(jac: Tensor) -> Tensor:  # jac: [B, n, m]
+            ps = p if scale is None else p * scale[:, None]
+            jp = jac @ ps.unsqueeze(-1)  # [B, n, 1]
+            h = (jac * ps.unsqueeze(1)) @ jac.transpose(-1, -2)
+            if scale is None:
+                return h - jp @ jp.transpose(-1, -2)
+            jq = jac @ p.unsqueeze(-1)
+            return h - (jq * scale[:, None, None]) @ jq.transpose(-1, -2)
+
+        return grad, ce_term
+    if loss is F.mse_loss:
+        if tuple(targets.shape) != (b, *out_shape):
+            raise StructuredArgumentError(
+                f"{_FN}: argument `targets` for mse_loss must have the output's shape "
+                f"{(b, *out_shape)}, got {tuple(targets.shape)}"
+            )
+        if not targets.is_floating_point():
+            raise StructuredArgumentError(
+                f"{_FN}: argument `targets` for mse_loss must be floating point, got "
+                f"{targets.dtype}"
+            )
+        grad = (out - targets.reshape(b, m).to(out.dtype)) * (2.0 / m)
+
+        def mse_term(jac: Tensor) -> Tensor:
+            return (jac @ jac.transpose(-1, -2)) * (2.0 / m)
+
+        return grad, mse_term
+    name = getattr(loss, "__qualname__", repr(loss))
+    raise StructuredArgumentError(
+        f"{_FN}: argument `loss`={name} is not supported; the structured path supports "
+        f"{_LOSSES} (identity check); use per_sample_hessian(mode='generic') for other losses"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The structured Hessian
+# --------------------------------------------------------------------------------------------
+
+
+def _apply_reshape(t: Tensor, lead: int, shape: tuple[int, ...]) -> Tensor:
+    """Reshape the trailing per-sample dims of ``t`` (``lead`` leading dims kept)."""
+    return t.reshape(*t.shape[:lead], *shape)
+
+
+def structured_input_hessian(
+    module: nn.Module,
+    x: Tensor,
+    *,
+    output: int | slice | None = None,
+    loss: Callable[..., Tensor] | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """Exact per-sample input Hessians of a ``Linear``/activation stack.
+
+    Uses Hessian backpropagation: ``H = sum_l J_l^T diag(sigma_l''(z_l) * g_l) J_l`` (plus
+    ``J_out^T C J_out`` for a loss), with the Jacobians ``J_l = dz_l/dx`` propagated forward as
+    batched matrices and the output gradients ``g_l`` from one batched backward pass.
+
+    Args:
+        module: An ``nn.Sequential`` (possibly nested) of ``nn.Linear``, ``nn.Tanh``,
+            ``nn.Sigmoid``, ``nn.Softplus``, ``nn.GELU`` (``'none'``/``'tanh'``), ``nn.SiLU``,
+            ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.ELU``, ``nn.Identity``, ``nn.Flatten``/
+            ``nn.Unflatten`` of per-sample dims and ``nn.Dropout`` in eval mode (or ``p=0``).
+            A single supported layer is accepted too.
+        x: Inputs ``[B, *feature_shape]``; ``n = prod(feature_shape)``.
+        output: Which (flattened) per-sample outputs to differentiate. ``None``: all of them
+            (a single output gives ``[B, *fs, *fs]``, ``m > 1`` outputs give
+            ``[B, m, *fs, *fs]``); an ``int``: that output, ``[B, *fs, *fs]``; a ``slice``:
+            ``[B, len, *fs, *fs]``. Must be ``None`` when ``loss`` is given.
+        loss: ``F.cross_entropy`` or ``F.mse_loss``, applied per sample as
+            ``loss(out_i.unsqueeze(0), targets_i.unsqueeze(0))`` with reduction ``'mean'``.
+        targets: Per-sample targets for ``loss``: class indices ``[B]`` or probabilities
+            ``[B, m]`` for cross entropy, ``[B, *out_shape]`` for MSE.
+
+    Returns:
+        The per-sample Hessians, ``[B, *fs, *fs]`` or ``[B, m, *fs, *fs]``, with the dtype and
+        device of ``x``. Differentiable with respect to ``x`` and the parameters.
+
+    Raises:
+        UnsupportedLayerError: If ``module`` contains an unsupported layer, a forward hook or
+            a ``Dropout`` with ``p > 0`` in training mode.
+        StructuredArgumentError: For shape mismatches, an out-of-range ``output``, an
+            unsupported ``loss`` or malformed ``targets``. Both are ``ValueError`` subclasses.
+
+    Example:
+        A one-hidden-layer ``tanh`` network ``y = v^T tanh(W x + b)`` has the closed form
+        ``H = W^T diag(tanh''(W x + b) * v) W`` with ``tanh'' = -2 tanh (1 - tanh^2)``:
+
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1, bias=False))
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> net = net.double()
+        >>> H = structured_input_hessian(net, x)
+        >>> H.shape
+        torch.Size([4, 3, 3])
+        >>> W, b, v = net[0].weight, net[0].bias, net[2].weight[0]
+        >>> t = torch.tanh(x @ W.T + b)
+        >>> closed = torch.einsum("ip,bi,iq->bpq", W, -2 * t * (1 - t**2) * v, W)
+        >>> torch.allclose(H, closed)
+        True
+    """
+    parsed = _parse(module)
+    if isinstance(parsed, str):
+        raise UnsupportedLayerError(
+            f"{_FN}: argument `module` cannot use the structured path: {parsed}. Fix: use "
+            "per_sample_hessian(mode='generic') or replace the layer"
+        )
+    ops = parsed
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise StructuredArgumentError(
+            f"{_FN}: argument `x` must be a floating-point tensor [B, *feature_shape], got "
+            f"{type(x).__name__}"
+            + (
+                f" with dtype {x.dtype} and shape {tuple(x.shape)}"
+                if isinstance(x, Tensor)
+                else ""
+            )
+        )
+    for op in ops:
+        if isinstance(op, _Linear) and op.weight.dtype != x.dtype:
+            raise StructuredArgumentError(
+                f"{_FN}: argument `x` has dtype {x.dtype} but layer {op.name} (Linear) has "
+                f"dtype {op.weight.dtype}; convert one of them (e.g. module.to(x.dtype))"
+            )
+    if loss is None and targets is not None:
+        raise StructuredArgumentError(f"{_FN}: argument `targets` was given without `loss`")
+    if loss is not None:
+        if targets is None:
+            raise StructuredArgumentError(
+                f"{_FN}: argument `loss` needs `targets`; pass targets=... with one per sample"
+            )
+        if output is not None:
+            raise StructuredArgumentError(
+                f"{_FN}: arguments `output`={output!r} and `loss` are mutually exclusive; the "
+                "loss is applied to the full output, so pass output=None"
+            )
+        if loss is not F.cross_entropy and loss is not F.mse_loss:
+            name = getattr(loss, "__qualname__", repr(loss))
+            raise StructuredArgumentError(
+                f"{_FN}: argument `loss`={name} is not supported; the structured path supports "
+                f"{_LOSSES} (identity check); use per_sample_hessian(mode='generic') instead"
+            )
+
+    bsz = x.shape[0]
+    fs = tuple(x.shape[1:])
+    n = math.prod(fs)
+    shapes = _shapes(ops, fs)
+    out_shape = shapes[-1]
+    m_all = math.prod(out_shape)
+    dtype, device = x.dtype, x.device
+    need_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(isinstance(o, _Linear) and o.weight.requires_grad for o in ops)
+    )
+
+    # ---- 1. forward pass: activation derivatives -----------------------------------------
+    a = x
+    d1s: dict[int, Tensor] = {}
+    d2s: dict[int, Tensor] = {}
+    for i, op in enumerate(ops):
+        if isinstance(op, _Linear):
+            a = F.linear(a, op.weight, op.bias)
+        elif isinstance(op, _Act):
+            a, d1, d2 = _act_derivs(op, a)
+            d1s[i] = d1
+            if d2 is not None:
+                d2s[i] = d2
+        else:
+            a = _apply_reshape(a, 1, shapes[i + 1])
+    out_flat = a.reshape(bsz, m_all)
+
+    # ---- 2. backward pass: the cotangents and the curvature weights c_l -----------------
+    out_term: Callable[[Tensor], Tensor] | None = None
+    if loss is not None:
+        assert targets is not None
+        grad, out_term = _loss_grad_and_curv(loss, out_flat, targets, out_shape)
+        g: Tensor = grad.unsqueeze(1)  # [B, 1, m]
+        g_batched = True
+        per_output = False
+        msel = 1
+    else:
+        idx, per_output = _select_outputs(output, m_all)
+        msel = len(idx)
+        g = torch.eye(m_all, dtype=dtype, device=device)[idx]  # [msel, m] shared over batch
+        g_batched = False
+    g = _apply_reshape(g, 2 if g_batched else 1, out_shape)
+
+    curv_idx = sorted(d2s)
+    first_curv = curv_idx[0] if curv_idx else len(ops)
+    last_needed = len(ops) if out_term is not None else (curv_idx[-1] if curv_idx else -1)
+    cs: dict[int, Tensor] = {}
+    for i in range(len(ops) - 1, first_curv - 1, -1):
+        op = ops[i]
+        if isinstance(op, _Linear):
+            g = g @ op.weight
+        elif isinstance(op, _Act):
+            d1 = d1s[i].unsqueeze(1)
+            if i in d2s:
+                cs[i] = d2s[i].unsqueeze(1) * g  # [B, msel, *shape]
+            if i > first_curv:
+                g = d1 * g
+                g_batched = True
+        else:
+            g = _apply_reshape(g, 2 if g_batched else 1, shapes[i])
+
+    # ---- 3. forward Jacobian propagation and curvature accumulation ----------------------
+    hess = torch.zeros(bsz, msel, n, n, dtype=dtype, device=device)
+    jac: Tensor | None = None  # None: identity; [n, *shape]: shared; [B, n, *shape]: batched
+    batched = False
+    for i in range(last_needed + 1 if last_needed < len(ops) else len(ops)):
+        op = ops[i]
+        if isinstance(op, _Linear):
+            if jac is None:
+                if len(shapes[i]) == 1:
+                    jac = op.weight.t()  # [n, out]
+                    continue
+                jac = torch.eye(n, dtype=dtype, device=device).reshape(n, *shapes[i])
+            jac = jac @ op.weight.t()
+        elif isinstance(op, _Act):
+            if i in cs:
+                c = cs[i].reshape(bsz, msel, -1)  # [B, msel, k]
+                k = c.shape[-1]
+                if jac is None:
+                    hess = hess + torch.diag_embed(c)
+                elif not batched:
+                    jf = jac.reshape(n, k)
+                    contrib = (c.unsqueeze(2) * jf) @ jf.t()  # [B, msel, n, n]: one GEMM
+                    hess = hess + contrib
+                else:
+                    jf = jac.reshape(bsz, n, k)
+                    left = (c.unsqueeze(2) * jf.unsqueeze(1)).reshape(bsz, msel * n, k)
+                    hv = hess.view(bsz, msel * n, n)
+                    if need_grad:
+                        hess = torch.baddbmm(hv, left, jf.transpose(1, 2)).view_as(hess)
+                    else:
+                        hv.baddbmm_(left, jf.transpose(1, 2))
+            if i == last_needed and out_term is None:
+                break
+            d1 = d1s[i]
+            if jac is None:
+                jac = torch.diag_embed(d1.reshape(bsz, n)).reshape(bsz, n, *shapes[i])
+            elif not batched:
+                jac = d1.unsqueeze(1) * jac
+            elif need_grad:
+                jac = jac * d1.unsqueeze(1)
+            else:
+                jac.mul_(d1.unsqueeze(1))
+            batched = True
+        else:
+            if jac is not None:
+                jac = _apply_reshape(jac, 2 if batched else 1, shapes[i + 1])
+
+    if out_term is not None:
+        if jac is None:
+            jo = torch.eye(n, dtype=dtype, device=device).expand(bsz, n, n)
+        elif not batched:
+            jo = jac.reshape(n, m_all).expand(bsz, n, m_all)
+        else:
+            jo = jac.reshape(bsz, n, m_all)
+        hess = hess + out_term(jo).unsqueeze(1)
+
+    if per_output:
+        return hess.reshape(bsz, msel, *fs, *fs)
+    return hess.reshape(bsz, *fs, *fs)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------
+
+# Calibrated on the development CPU with benchmarks/structured_calibration.py (see there). All
+# costs are expressed in "GEMM-flop equivalents": one unit is the time of one flop inside a
+# large float32 matrix multiply.
+_ELEM_COST = 8.0  # one elementwise read/write (per element) in GEMM-flop units
+_OP_COST = 2.0e4  # fixed per-kernel overhead in GEMM-flop units
+_BMM_COST = 2.0  # extra factor for small batched matmuls (per flop)
+_GENERIC_ELEM_OPS = 6.0  # elementwise kernels per activation in the forward-over-reverse HVP
+_GENERIC_OPS_PER_LAYER = 30.0  # kernels per layer in vmap(jacfwd(jacrev)) (vmap plumbing)
+_STRUCT_OPS_PER_LAYER = 8.0
+
+
+def _mm(m: float, k: float, n: float) -> float:
+    """Cost of an ``[m, k] @ [k, n]`` GEMM: flops plus memory traffic."""
+    return 2.0 * m * k * n + _ELEM_COST * (m * k + k * n + m * n)
+
+
+def structured_cost(
+    module: nn.Module,
+    x_shape: tuple[int, ...],
+    *,
+    n_outputs_selected: int,
+    dtype_bytes: int,
+) -> dict[str, float]:
+    """Predict the cost of the structured path and of the generic ``vmap(hessian)`` path.
+
+    The model counts, layer by layer, matrix-multiply flops, elementwise memory traffic and a
+    fixed per-kernel overhead (all in units of one large-GEMM flop; constants calibrated with
+    ``benchmarks/structured_calibration.py``). The structured path costs a forward pass, a
+    backward pass with ``m`` cotangents, a forward pass with ``n`` tangents and the curvature
+    contractions ``B m n^2 width``; the generic path (``vmap(jacfwd(jacrev(f)))``) costs a
+    forward pass, ``m`` backward passes and ``n`` forward-over-reverse Hessian-vector
+    products.
+
+    Args:
+        module: A network accepted by :func:`structured_input_hessian`.
+        x_shape: The input shape ``[B, *feature_shape]``.
+        n_outputs_selected: ``m``, the number of output Hessians requested (1 for a loss).
+        dtype_bytes: Bytes per element (4 for float32, 8 for float64).
+
+    Returns:
+        ``{"structured_flops", "generic_flops", "structured_bytes", "generic_bytes"}``: the
+        predicted cost (flop equivalents) and peak extra memory (bytes) of both paths.
+
+    Raises:
+        UnsupportedLayerError: If ``module`` is not supported.
+        StructuredArgumentError: If ``x_shape`` does not fit the module.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
+        >>> cost = structured_cost(net, (128, 8), n_outputs_selected=1, dtype_bytes=4)
+        >>> cost["structured_flops"] < cost["generic_flops"]
+        True
+    """
+    parsed = _parse(module)
+    if isinstance(parsed, str):
+        raise UnsupportedLayerError(f"structured_cost: argument `module`: {parsed}")
+    ops = parsed
+    bsz = float(x_shape[0])
+    fs = tuple(int(s) for s in x_shape[1:])
+    n = float(math.prod(fs))
+    m = float(max(1, n_outputs_selected))
+    shapes = _shapes(ops, fs)
+
+    s_flops = 0.0
+    g_flops = 0.0
+    s_bytes = bsz * m * n * n  # the result
+    g_bytes = 2.0 * bsz * m * n * n  # the result and its transposed copy
+    s_live = 0.0  # stored per-layer tensors (structured)
+    g_live = 0.0  # saved tensors and their tangents (generic)
+    jac_batched = False
+    jac_exists = False
+    g_first_curved = False
+    n_layers = 0
+    for i, op in enumerate(ops):
+        k_in = float(math.prod(shapes[i]))
+        k_out = float(math.prod(shapes[i + 1]))
+        if isinstance(op, _Linear):
+            n_layers += 1
+            rows = k_in / op.weight.shape[1]  # extra leading per-sample dims
+            din, dout = float(op.weight.shape[1]), float(op.weight.shape[0])
+            # structured: forward, backward (m cotangents), Jacobian propagation (n tangents)
+            s_flops += _mm(bsz * rows, din, dout) + _mm(bsz * m * rows, dout, din)
+            if jac_batched:
+                s_flops += _mm(bsz * n * rows, din, dout)
+            elif jac_exists:
+                s_flops += _mm(n * rows, din, dout)
+            jac_exists = True
+            # generic: forward, m backward, n tangent forwards, n*m tangent backwards
+            g_flops += _mm(bsz * rows, din, dout) + _mm(bsz * m * rows, dout, din)
+            g_flops += _mm(bsz * n * rows, din, dout)
+            if g_first_curved:
+                g_flops += _mm(bsz * n * m * rows, dout, din)
+        elif isinstance(op, _Act):
+            n_layers += 1
+            k = k_out
+            # structured: derivatives (6 passes over [B, k]), J scaling, curvature weights
+            s_flops += _ELEM_COST * bsz * k * 6 + _ELEM_COST * bsz * m * k * 3
+            s_flops += _ELEM_COST * bsz * n * k * 2
+            s_live += bsz * k * (2 + m) + bsz * n * k * 2
+            g_live += bsz * k * 3 + bsz * n * k * 2 + bsz * n * m * k * 2
+            if op.curved:
+                # c * J (elementwise) and [B, m*n, k] @ [B, k, n]
+                s_flops += _ELEM_COST * bsz * m * n * k * 2
+                s_flops += _BMM_COST * 2.0 * bsz * m * n * n * k
+                s_flops += _ELEM_COST * bsz * (m * n * k + n * k + m * n * n)
+                g_first_curved = True
+            jac_batched = jac_exists or jac_batched
+            g_flops += _ELEM_COST * bsz * k * 3 + _ELEM_COST * bsz * m * k * 3
+            g_flops += _ELEM_COST * bsz * n * k * 3
+            g_flops += _ELEM_COST * _GENERIC_ELEM_OPS * bsz * n * m * k
+    s_flops += _OP_COST * (_STRUCT_OPS_PER_LAYER * n_layers + 10)
+    g_flops += _OP_COST * (_GENERIC_OPS_PER_LAYER * n_layers + 20)
+    g_flops += _ELEM_COST * 2.0 * bsz * m * n * n  # assembling and permuting the result
+    return {
+        "structured_flops": s_flops,
+        "generic_flops": g_flops,
+        "structured_bytes": (s_bytes + s_live) * dtype_bytes,
+        "generic_bytes": (g_bytes + g_live) * dtype_bytes,
+    }
+
+
+def prefer_structured(
+    module: nn.Module,
+    x_shape: tuple[int, ...],
+    *,
+    n_outputs_selected: int,
+    dtype_bytes: int,
+) -> bool:
+    """The ``mode="auto"`` rule: supported by the structured path and predicted faster.
+
+    Args:
+        module: The network.
+        x_shape: The input shape ``[B, *feature_shape]``.
+        n_outputs_selected: Number of output Hessians requested (1 for a loss).
+        dtype_bytes: Bytes per element.
+
+    Returns:
+        ``True`` if :func:`structured_input_hessian` supports ``module`` with inputs of shape
+        ``x_shape`` and :func:`structured_cost` predicts it to be faster than the generic path.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
+        >>> prefer_structured(net, (128, 8), n_outputs_selected=1, dtype_bytes=4)
+        True
+        >>> prefer_structured(nn.Conv1d(1, 1, 1), (2, 1, 4), n_outputs_selected=1, dtype_bytes=4)
+        False
+    """
+    if unsupported_layer(module) is not None:
+        return False
+    try:
+        cost = structured_cost(
+            module, x_shape, n_outputs_selected=n_outputs_selected, dtype_bytes=dtype_bytes
+        )
+    except StructuredArgumentError:
+        return False
+    return cost["structured_flops"] < cost["generic_flops"]

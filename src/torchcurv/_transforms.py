@@ -1,0 +1,661 @@
+"""Function transforms: `jacobian`, `hessian`, `hvp`, `vhp`.
+
+One mechanism does all the work: `_map_basis` pushes chunks of a standard basis
+through a linear map (a `jvp` for forward mode, a `vjp` for reverse mode) under
+`vmap`, a chunk at a time. A Jacobian is one such map; a Hessian is a Jacobian of a
+Jacobian, so both of its stages are chunked by the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+
+from ._errors import TorchcurvError, argument_error, describe
+
+__all__ = [
+    "HESSIAN_MODES",
+    "JACOBIAN_MODES",
+    "RANDOMNESS",
+    "check_argnums",
+    "check_chunk_size",
+    "check_hessian_chunk_size",
+    "check_randomness",
+    "hessian",
+    "hvp",
+    "jacobian",
+    "numel",
+    "vhp",
+]
+
+JacobianMode = Literal["rev", "fwd", "auto"]
+HessianMode = Literal["fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "auto"]
+Randomness = Literal["error", "same"]
+HessianChunk = int | tuple[int | None, int | None] | None
+
+JACOBIAN_MODES: tuple[str, ...] = ("rev", "fwd", "auto")
+HESSIAN_MODES: tuple[str, ...] = ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "auto")
+RANDOMNESS: tuple[str, ...] = ("error", "same")
+
+
+# --------------------------------------------------------------------------------------
+# argument checks (run when a transform is built)
+# --------------------------------------------------------------------------------------
+
+
+def check_argnums(function: str, argnums: Any) -> int | tuple[int, ...]:
+    """Validate `argnums` (an int or a non-empty tuple of distinct ints)."""
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        return argnums
+    if (
+        isinstance(argnums, tuple)
+        and argnums
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums)
+    ):
+        if len(set(argnums)) != len(argnums):
+            argument_error(function, "argnums", "must not repeat an index", argnums,
+                           "Name each argument once, e.g. argnums=(0, 1).")
+        return tuple(argnums)
+    argument_error(function, "argnums", "must be an int or a non-empty tuple of ints", argnums,
+                   "Pass argnums=0 for the first argument or argnums=(0, 1) for several.")
+
+
+def check_chunk_size(function: str, chunk_size: Any, argument: str = "chunk_size") -> int | None:
+    """Validate a single chunk size: None or a positive int."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0:
+        return chunk_size
+    argument_error(function, argument, "must be None or a positive int", chunk_size,
+                   f"Pass {argument}=None to disable chunking or a positive int such as 16.")
+
+
+def check_hessian_chunk_size(function: str, chunk_size: Any) -> tuple[int | None, int | None]:
+    """Validate a Hessian chunk size and return it as ``(inner, outer)``."""
+    if isinstance(chunk_size, tuple):
+        if len(chunk_size) != 2:
+            argument_error(function, "chunk_size", "must be a pair (inner, outer) when a tuple",
+                           chunk_size, "Pass chunk_size=(inner, outer), e.g. (4, 16).")
+        inner = check_chunk_size(function, chunk_size[0], "chunk_size[0] (inner)")
+        outer = check_chunk_size(function, chunk_size[1], "chunk_size[1] (outer)")
+        return inner, outer
+    if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)):
+        if chunk_size is not None and chunk_size <= 0:
+            argument_error(function, "chunk_size", "must be positive", chunk_size,
+                           "Pass chunk_size=None to disable chunking or a positive int such as 16.")
+        return chunk_size, chunk_size
+    argument_error(function, "chunk_size", "must be None, a positive int or a pair of them",
+                   chunk_size, "Pass chunk_size=16 or chunk_size=(inner, outer).")
+
+
+
+def check_randomness(function: str, randomness: Any, allowed: Sequence[str] = RANDOMNESS) -> str:
+    """Validate a randomness choice."""
+    if randomness not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        argument_error(function, "randomness", f"must be one of {choices}", randomness,
+                       "Use 'error' to refuse random operations (dropout in training mode) "
+                       "or 'same' to share one random draw across all rows of the result.")
+    return str(randomness)
+
+
+def _check_mode(function: str, mode: Any, allowed: Sequence[str]) -> str:
+    if mode not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        argument_error(function, "mode", f"must be one of {choices}", mode,
+                       f"Pass one of {choices}; 'auto' chooses from the input and output sizes.")
+    return str(mode)
+
+
+def _check_callable(function: str, func: Any) -> None:
+    if not callable(func):
+        argument_error(function, "func", "must be callable", func,
+                       "Pass a function of tensors, e.g. lambda x: (x ** 2).sum().")
+
+
+def _check_flag(function: str, argument: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        argument_error(function, argument, "must be a bool", value,
+                       f"Pass {argument}=True or {argument}=False.")
+
+
+# --------------------------------------------------------------------------------------
+# call-time helpers
+# --------------------------------------------------------------------------------------
+
+
+def _resolve_argnums(function: str, argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:
+    indices = (argnums,) if isinstance(argnums, int) else argnums
+    resolved = []
+    for index in indices:
+        if not -nargs <= index < nargs:
+            argument_error(function, "argnums", f"is out of range for a call with {nargs} "
+                           "positional argument(s)", argnums,
+                           f"Use indices between {-nargs} and {nargs - 1}." if nargs else
+                           "Call the transformed function with the tensors to differentiate.")
+        resolved.append(index % nargs)
+    if len(set(resolved)) != len(resolved):
+        argument_error(function, "argnums", "names the same argument twice", argnums,
+                       "Name each argument once.")
+    return tuple(resolved)
+
+
+def _check_differentiable(function: str, leaves: Sequence[Any], argnums: tuple[int, ...]) -> None:
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            argument_error(function, f"the argument(s) at argnums={_fmt(argnums)}",
+                           "must be tensors or pytrees of tensors", leaf,
+                           "Pass floating-point tensors, e.g. torch.tensor([1.0, 2.0]).")
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            argument_error(function, f"the argument(s) at argnums={_fmt(argnums)}",
+                           "must be floating-point to be differentiated", leaf,
+                           "Convert it with x.to(torch.float64) (or .float()), or leave it out "
+                           "of argnums.")
+
+
+def _fmt(argnums: tuple[int, ...]) -> str:
+    return str(argnums[0]) if len(argnums) == 1 else str(argnums)
+
+
+def _flat_output(function: str, out: Any) -> tuple[list[torch.Tensor], TreeSpec]:
+    leaves, spec = tree_flatten(out)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        argument_error(function, "func", "must return a Tensor or a pytree of Tensors", out,
+                       "Return tensors only; use has_aux=True to return extra values.")
+    return leaves, spec
+
+
+def _split_aux(function: str, result: Any) -> tuple[Any, Any]:
+    if not (isinstance(result, tuple) and len(result) == 2):
+        argument_error(function, "func", "must return a pair (output, aux) when has_aux=True",
+                       result, "Return (output, aux) or pass has_aux=False.")
+    return result[0], result[1]
+
+
+class _RNGReplay:
+    """Replays the random draws of the first basis chunk in every later chunk.
+
+    With ``randomness="same"`` every row of a derivative must see the same dropout mask,
+    also when the rows are computed in several chunks.
+    """
+
+    def __init__(self, leaves: Sequence[torch.Tensor]) -> None:
+        self.cpu = torch.get_rng_state()
+        devices = {leaf.device for leaf in leaves if leaf.device.type == "cuda"}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+def _basis_chunks(
+    like: Sequence[torch.Tensor], chunk_size: int | None
+) -> list[tuple[torch.Tensor, ...]]:
+    """Chunks of the standard basis of the space of `like`, one tensor per leaf.
+
+    Chunk ``k`` holds basis vectors ``e_i`` for ``i`` in its range, laid out as
+    ``(rows, *leaf.shape)`` per leaf: the one-hot entries that fall into the leaf.
+    """
+    sizes = [leaf.numel() for leaf in like]
+    total = sum(sizes)
+    step = total if chunk_size is None else min(chunk_size, total)
+    chunks = []
+    for start in range(0, total, max(step, 1)):
+        rows = min(step, total - start)
+        pieces = []
+        offset = 0
+        for leaf, size in zip(like, sizes, strict=True):
+            piece = torch.zeros(rows, size, dtype=leaf.dtype, device=leaf.device)
+            lo, hi = max(start, offset), min(start + rows, offset + size)
+            if lo < hi:
+                idx = torch.arange(lo - start, hi - start, device=leaf.device)
+                piece[idx, idx + start - offset] = 1
+            pieces.append(piece.view(rows, *leaf.shape))
+            offset += size
+        chunks.append(tuple(pieces))
+    return chunks
+
+
+def _map_basis(
+    push: Callable[..., Any],
+    like: Sequence[torch.Tensor],
+    chunk_size: int | None,
+    randomness: str,
+    name: str,
+    shared: tuple[bool, ...] | None = None,
+) -> Any:
+    """``vmap(push)`` over the standard basis of `like`, a chunk at a time.
+
+    `push` returns a tuple when `shared` is given: parts flagged True do not depend on
+    the basis vector (primal values, aux); they are taken once, from the first row of
+    the first chunk. Other outputs are concatenated over chunks along dim 0.
+    """
+    chunks = _basis_chunks(like, chunk_size)
+    replay = _RNGReplay(like) if randomness == "same" and len(chunks) > 1 else None
+    mapped = torch.vmap(push, in_dims=0, out_dims=0, randomness=randomness)
+    results = []
+    for index, chunk in enumerate(chunks):
+        if replay is not None and index > 0:
+            replay.replay()
+        try:
+            results.append(mapped(*chunk))
+        except RuntimeError as error:
+            if "randomness error mode" not in str(error):
+                raise
+            raise TorchcurvError(
+                f"{name}: func called a random operation (e.g. dropout in training mode) "
+                "while randomness='error'. Pass randomness='same' to share one random draw "
+                "across the rows of the result, or call model.eval() to switch dropout off."
+            ) from None
+    if shared is None:
+        return results[0] if len(results) == 1 else _concat(results)
+    return tuple(
+        tree_map(lambda t: t[0], results[0][k]) if is_shared
+        else results[0][k] if len(results) == 1 else _concat([r[k] for r in results])
+        for k, is_shared in enumerate(shared)
+    )
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Concatenate matching pytrees of tensors along dim 0."""
+    flat = [tree_flatten(p)[0] for p in parts]
+    spec = tree_flatten(parts[0])[1]
+    return tree_unflatten([torch.cat(group, dim=0) for group in zip(*flat, strict=True)], spec)
+
+
+# --------------------------------------------------------------------------------------
+# jacobian
+# --------------------------------------------------------------------------------------
+
+
+def jacobian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: JacobianMode = "rev",
+    chunk_size: int | None = None,
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """The Jacobian of `func` with respect to the arguments at `argnums`.
+
+    Drop-in for `torch.func.jacrev` / `torch.func.jacfwd`, with chunking in both modes.
+    For a single input ``x`` and output ``y`` the result has shape
+    ``y.shape + x.shape``; for pytrees it nests as torch.func does: the output's
+    structure outside, the structure of the differentiated arguments inside (a tuple
+    when `argnums` is a tuple). Batch it over samples with `torchcurv.per_sample`.
+
+    Args:
+        func: A function of tensors returning a tensor or a pytree of tensors (and an
+            auxiliary value when `has_aux` is True).
+        argnums: Which positional argument(s) to differentiate: an int or a tuple.
+        mode: ``"rev"`` (one vector-Jacobian product per output entry), ``"fwd"`` (one
+            Jacobian-vector product per input entry) or ``"auto"``: reverse when the
+            output has no more entries than the differentiated input, forward otherwise.
+            Auto runs ``func`` once in reverse mode to see the output size and reuses that
+            run when reverse mode wins.
+        chunk_size: How many basis vectors (rows in reverse mode, columns in forward mode)
+            to push through at once; None pushes all of them in one vectorised call.
+            Smaller chunks use less memory and give the same result.
+        has_aux: If True, `func` returns ``(output, aux)`` and the transform returns
+            ``(jacobian, aux)``; aux is not differentiated.
+        randomness: ``"error"`` refuses random operations inside forward-mode
+            vectorisation; ``"same"`` lets every column see the same random draw (the
+            same dropout mask), across chunks too.
+
+    Returns:
+        A function with the signature of `func` returning the Jacobian (and aux).
+
+    Raises:
+        TorchcurvError: On a bad argument, when the transform is built where possible,
+            otherwise when it is called (non-floating inputs, `argnums` out of range,
+            outputs that are not tensors).
+
+    Example:
+        >>> import torch, torchcurv
+        >>> A = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+        >>> x = torch.tensor([0.5, -1.0], dtype=torch.float64)
+        >>> J = torchcurv.jacobian(lambda x: A @ x)(x)
+        >>> torch.equal(J, A)
+        True
+        >>> J = torchcurv.jacobian(torch.sin, mode="fwd", chunk_size=1)(x)
+        >>> torch.allclose(J, torch.diag(torch.cos(x)))
+        True
+    """
+    name = "jacobian"
+    _check_callable(name, func)
+    argnums = check_argnums(name, argnums)
+    mode = _check_mode(name, mode, JACOBIAN_MODES)  # type: ignore[assignment]
+    chunk_size = check_chunk_size(name, chunk_size)
+    _check_flag(name, "has_aux", has_aux)
+    randomness = check_randomness(name, randomness)  # type: ignore[assignment]
+    return _jacobian(func, argnums, mode, chunk_size, has_aux, randomness, name)
+
+
+def _jacobian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    mode: str,
+    chunk_size: int | None,
+    has_aux: bool,
+    randomness: str,
+    name: str,
+) -> Callable[..., Any]:
+    """`jacobian` without the argument checks (the caller made them)."""
+
+    def jacobian_of_func(*args: Any, **kwargs: Any) -> Any:
+        indices = _resolve_argnums(name, argnums, len(args))
+        diff_args = tuple(args[i] for i in indices)
+        flat_in, in_spec = tree_flatten(diff_args)
+        _check_differentiable(name, flat_in, indices)
+        out_specs: list[TreeSpec] = []
+
+        def flat_func(*leaves: torch.Tensor) -> Any:
+            new_args = list(args)
+            for index, value in zip(indices, tree_unflatten(list(leaves), in_spec), strict=True):
+                new_args[index] = value
+            result = func(*new_args, **kwargs)
+            out, aux = _split_aux(name, result) if has_aux else (result, None)
+            flat_out, spec = _flat_output(name, out)
+            out_specs.append(spec)
+            return (tuple(flat_out), aux) if has_aux else tuple(flat_out)
+
+        n_in = sum(leaf.numel() for leaf in flat_in)
+        aux = None
+        chosen = mode
+        if mode in ("rev", "auto"):
+            vjp_out = torch.func.vjp(flat_func, *flat_in, has_aux=has_aux)
+            flat_out = vjp_out[0]
+            if mode == "auto":
+                chosen = "rev" if sum(o.numel() for o in flat_out) <= n_in else "fwd"
+        if chosen == "rev":
+            vjp_fn = vjp_out[1]
+            aux = vjp_out[2] if has_aux else None
+            rows = _map_basis(lambda *cts: vjp_fn(cts), flat_out, chunk_size, "error", name)
+            blocks = _rows_to_blocks(rows, flat_out, flat_in)
+        else:
+            flat_out, cols, aux = _forward_columns(flat_func, flat_in, chunk_size, randomness,
+                                                   has_aux, name)
+            blocks = _columns_to_blocks(cols, flat_out, flat_in)
+        jac = _assemble(blocks, in_spec, out_specs[-1], isinstance(argnums, int))
+        return (jac, aux) if has_aux else jac
+
+    return jacobian_of_func
+
+
+def _forward_columns(
+    flat_func: Callable[..., Any],
+    flat_in: Sequence[torch.Tensor],
+    chunk_size: int | None,
+    randomness: str,
+    has_aux: bool,
+    name: str,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
+    """Jacobian columns ``J e_i`` for every input basis vector, stacked on dim 0."""
+    if sum(leaf.numel() for leaf in flat_in) == 0:
+        result = flat_func(*flat_in)
+        out, aux = result if has_aux else (result, None)
+        cols = tuple(o.new_zeros((0, *o.shape)) for o in out)
+        return out, cols, aux
+
+    def push(*tangents: torch.Tensor) -> Any:
+        jvp_out = torch.func.jvp(flat_func, tuple(flat_in), tangents, has_aux=has_aux)
+        return (jvp_out[1], jvp_out[0], jvp_out[2]) if has_aux else (jvp_out[1], jvp_out[0])
+
+    shared = (False, True, True) if has_aux else (False, True)
+    mapped = _map_basis(push, flat_in, chunk_size, randomness, name, shared)
+    return mapped[1], mapped[0], mapped[2] if has_aux else None
+
+
+def _rows_to_blocks(
+    rows: Sequence[torch.Tensor], flat_out: Sequence[torch.Tensor], flat_in: Sequence[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Split reverse-mode rows ``[M, *x_j.shape]`` into blocks ``y_i.shape + x_j.shape``."""
+    blocks = []
+    offset = 0
+    for out in flat_out:
+        size = out.numel()
+        blocks.append([
+            row[offset:offset + size].reshape(*out.shape, *leaf.shape)
+            for row, leaf in zip(rows, flat_in, strict=True)
+        ])
+        offset += size
+    return blocks
+
+
+def _columns_to_blocks(
+    cols: Sequence[torch.Tensor], flat_out: Sequence[torch.Tensor], flat_in: Sequence[torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Split forward-mode columns ``[N, *y_i.shape]`` into blocks ``y_i.shape + x_j.shape``."""
+    blocks = []
+    for col, out in zip(cols, flat_out, strict=True):
+        row_blocks = []
+        offset = 0
+        for leaf in flat_in:
+            size = leaf.numel()
+            block = col[offset:offset + size].reshape(*leaf.shape, *out.shape)
+            row_blocks.append(block.movedim(tuple(range(leaf.dim())),
+                                            tuple(range(block.dim() - leaf.dim(), block.dim()))))
+            offset += size
+        blocks.append(row_blocks)
+    return blocks
+
+
+def _assemble(
+    blocks: list[list[torch.Tensor]], in_spec: TreeSpec, out_spec: TreeSpec, single: bool
+) -> Any:
+    """Nest blocks as torch.func does: output structure outside, inputs inside."""
+    per_output = []
+    for row in blocks:
+        inner = tree_unflatten(row, in_spec)
+        per_output.append(inner[0] if single else inner)
+    return tree_unflatten(per_output, out_spec)
+
+
+# --------------------------------------------------------------------------------------
+# hessian
+# --------------------------------------------------------------------------------------
+
+_STAGES = {
+    "fwd-over-rev": ("rev", "fwd"),
+    "rev-over-rev": ("rev", "rev"),
+    "rev-over-fwd": ("fwd", "rev"),
+    "fwd-over-fwd": ("fwd", "fwd"),
+    "auto": ("auto", "fwd"),
+}
+
+
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: HessianMode = "fwd-over-rev",
+    chunk_size: HessianChunk = None,
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """The Hessian of `func` with respect to the arguments at `argnums`.
+
+    The Jacobian of the Jacobian, like `torch.func.hessian`, with chunking on both
+    stages, every mode and `has_aux`. For one input ``x`` and output ``y`` the result
+    has shape ``y.shape + x.shape + x.shape``; with pytrees it nests as output, then the
+    row argument, then the column argument. A function that is linear in ``x`` (or does
+    not use it) gets a tensor of zeros, never None. Batch over samples with
+    `torchcurv.per_sample`; the per-sample shape is then ``(B, *y, *x, *x)``.
+
+    Args:
+        func: A function of tensors returning a tensor or a pytree of tensors.
+        argnums: Which positional argument(s) to differentiate: an int or a tuple.
+        mode: ``"<outer>-over-<inner>"``: the inner stage differentiates `func`, the
+            outer stage differentiates the inner Jacobian. ``"fwd-over-rev"`` (default)
+            is the usual best; ``"auto"`` takes a forward outer stage and an inner stage
+            chosen at call time (reverse unless `func` has more outputs than inputs).
+        chunk_size: None (no chunking), an int used for both stages, or
+            ``(inner, outer)``: rows of the inner Jacobian and columns of the outer one
+            computed at once. Results do not depend on it beyond rounding.
+        has_aux: If True, `func` returns ``(output, aux)``; the result is
+            ``(hessian, aux)``.
+        randomness: ``"error"`` (default) refuses random operations; ``"same"`` lets all
+            rows and columns of the Hessian share one random draw (one dropout mask).
+
+    Returns:
+        A function with the signature of `func` returning the Hessian (and aux).
+
+    Raises:
+        TorchcurvError: On bad arguments (unknown mode, non-positive chunk sizes, argnums
+            that are not ints, non-floating inputs, argnums out of range).
+
+    Example:
+        >>> import torch, torchcurv
+        >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+        >>> x = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> H = torchcurv.hessian(lambda x: x @ A @ x)(x)
+        >>> torch.equal(H, A + A.T)
+        True
+        >>> H = torchcurv.hessian(lambda x: torch.sin(x).sum(), mode="rev-over-rev",
+        ...                       chunk_size=(1, 1))(x)
+        >>> torch.allclose(H, torch.diag(-torch.sin(x)))
+        True
+    """
+    name = "hessian"
+    _check_callable(name, func)
+    argnums = check_argnums(name, argnums)
+    mode = _check_mode(name, mode, HESSIAN_MODES)  # type: ignore[assignment]
+    inner_chunk, outer_chunk = check_hessian_chunk_size(name, chunk_size)
+    _check_flag(name, "has_aux", has_aux)
+    randomness = check_randomness(name, randomness)  # type: ignore[assignment]
+    inner_mode, outer_mode = _STAGES[mode]
+    inner = _jacobian(func, argnums, inner_mode, inner_chunk, has_aux, randomness, name)
+    return _jacobian(inner, argnums, outer_mode, outer_chunk, has_aux, randomness, name)
+
+
+# --------------------------------------------------------------------------------------
+# Hessian-vector products
+# --------------------------------------------------------------------------------------
+
+
+def _scalar_grad(name: str, func: Callable[..., Any], nargs: int, has_aux: bool) -> Callable[..., Any]:
+    """``(*primals) -> (grads, (value, aux))`` for a scalar-valued `func`."""
+
+    def checked(*primals: Any) -> Any:
+        result = func(*primals)
+        value, aux = _split_aux(name, result) if has_aux else (result, ())
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            argument_error(name, "func", "must return a scalar (one-element) tensor", value,
+                           "Reduce the output (e.g. .sum()) or use torchcurv.hessian for "
+                           "vector-valued functions.")
+        return value.reshape(()), (value, aux)
+
+    return torch.func.grad(checked, argnums=tuple(range(nargs)), has_aux=True)
+
+
+def _check_primals(name: str, primals: Any, tangents: Any) -> None:
+    if not isinstance(primals, tuple) or not primals:
+        argument_error(name, "primals", "must be a non-empty tuple of arguments", primals,
+                       "Wrap a single tensor as (x,).")
+    if not isinstance(tangents, tuple) or len(tangents) != len(primals):
+        argument_error(name, "tangents", f"must be a tuple of {len(primals)} item(s) matching "
+                       "primals", tangents, "Pass one tangent per primal, e.g. (v,).")
+    for p, t in zip(tree_flatten(primals)[0], tree_flatten(tangents)[0], strict=False):
+        if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor) and p.shape != t.shape:
+            argument_error(name, "tangents", f"must match the primals' shapes ({describe(p)})",
+                           t, "Give each tangent the shape of its primal.")
+    _check_differentiable(name, tree_flatten(primals)[0], tuple(range(len(primals))))
+    if tree_flatten(primals)[1] != tree_flatten(tangents)[1]:
+        argument_error(name, "tangents", "must have the same pytree structure as primals",
+                       tangents, "Give one tangent per primal leaf.")
+
+
+def hvp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], *,
+    has_aux: bool = False,
+) -> tuple[Any, ...]:
+    """Hessian-vector product ``H v`` of a scalar function, forward-over-reverse.
+
+    Costs a small constant times one gradient and never forms the Hessian. Like
+    `torch.func.jvp`, `primals` and `tangents` are tuples with one entry per argument
+    of `func`, and every argument is differentiated.
+
+    Args:
+        func: A function returning a scalar tensor (and aux when `has_aux`).
+        primals: The point, a tuple of arguments (tensors or pytrees).
+        tangents: The vector, with the structure and shapes of `primals`.
+        has_aux: If True, `func` returns ``(value, aux)``.
+
+    Returns:
+        ``(value, hvp)`` or ``(value, hvp, aux)``; `hvp` is a tuple with one entry per
+        primal.
+
+    Raises:
+        TorchcurvError: If `func` does not return a scalar, or `tangents` does not
+            match `primals`.
+
+    Example:
+        >>> import torch, torchcurv
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> value, (Hv,) = torchcurv.hvp(lambda x: 0.5 * x @ A @ x, (x,), (v,))
+        >>> torch.equal(Hv, A @ v)
+        True
+    """
+    name = "hvp"
+    _check_callable(name, func)
+    _check_flag(name, "has_aux", has_aux)
+    _check_primals(name, primals, tangents)
+    grad_fn = _scalar_grad(name, func, len(primals), has_aux)
+    _, product, (value, aux) = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
+    return (value, product, aux) if has_aux else (value, product)
+
+
+def vhp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], *,
+    has_aux: bool = False,
+) -> tuple[Any, ...]:
+    """Vector-Hessian product ``v^T H`` of a scalar function, reverse-over-reverse.
+
+    Equal to `hvp` for the symmetric Hessians of twice continuously differentiable
+    functions; it is here for functions whose operators lack forward-mode rules.
+
+    Args:
+        func: A function returning a scalar tensor (and aux when `has_aux`).
+        primals: The point, a tuple of arguments.
+        tangents: The vector, with the structure and shapes of `primals`.
+        has_aux: If True, `func` returns ``(value, aux)``.
+
+    Returns:
+        ``(value, vhp)`` or ``(value, vhp, aux)``; `vhp` is a tuple with one entry per
+        primal.
+
+    Raises:
+        TorchcurvError: If `func` does not return a scalar, or `tangents` does not
+            match `primals`.
+
+    Example:
+        >>> import torch, torchcurv
+        >>> x = torch.tensor([0.5, 1.5], dtype=torch.float64)
+        >>> v = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> value, (vH,) = torchcurv.vhp(lambda x: torch.exp(x).sum(), (x,), (v,))
+        >>> torch.allclose(vH, torch.exp(x))
+        True
+    """
+    name = "vhp"
+    _check_callable(name, func)
+    _check_flag(name, "has_aux", has_aux)
+    _check_primals(name, primals, tangents)
+    grad_fn = _scalar_grad(name, func, len(primals), has_aux)
+    _, vjp_fn, (value, aux) = torch.func.vjp(grad_fn, *primals, has_aux=True)
+    product = vjp_fn(tangents)
+    return (value, product, aux) if has_aux else (value, product)
+
+
+def numel(tree: Any) -> int:
+    """Total number of entries of the tensors in a pytree."""
+    return sum(math.prod(leaf.shape) for leaf in tree_flatten(tree)[0])
+
