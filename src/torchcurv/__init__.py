@@ -5,8 +5,13 @@ from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import TorchcurvError as TorchcurvError
 from ._errors import TorchcurvFallbackWarning as TorchcurvFallbackWarning
 from ._errors import UnsupportedModuleError as UnsupportedModuleError
+from ._batching import per_sample as per_sample
 from ._layout import from_matrix as from_matrix
 from ._layout import to_matrix as to_matrix
+from ._modules import batch_hessian as batch_hessian
+from ._modules import functional as functional
+from ._modules import per_sample_hessian as per_sample_hessian
+from ._modules import per_sample_jacobian as per_sample_jacobian
 from ._transforms import hessian as hessian
 from ._transforms import hvp as hvp
 from ._transforms import jacobian as jacobian
@@ -20,6 +25,13 @@ __all__ = [
     "hvp",
     "jacobian",
     "vhp",
+    # batching
+    "per_sample",
+    # modules
+    "batch_hessian",
+    "functional",
+    "per_sample_hessian",
+    "per_sample_jacobian",
     # layout
     "from_matrix",
     "to_matrix",

@@ -427,6 +427,11 @@ def _loss_grad_and_curv(
 # --------------------------------------------------------------------------------------------
 
 
+def _fold_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``a [..., k]`` and a matrix ``b [k, o]`` as one GEMM (never a bmm)."""
+    return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+
+
 def _apply_reshape(t: Tensor, lead: int, shape: tuple[int, ...]) -> Tensor:
     """Reshape the trailing per-sample dims of ``t`` (``lead`` leading dims kept)."""
     return t.reshape(*t.shape[:lead], *shape)
@@ -581,7 +586,7 @@ def structured_input_hessian(
     for i in range(len(ops) - 1, first_curv - 1, -1):
         op = ops[i]
         if isinstance(op, _Linear):
-            g = g @ op.weight
+            g = _fold_mm(g, op.weight)
         elif isinstance(op, _Act):
             d1 = d1s[i].unsqueeze(1)
             if i in d2s:
@@ -601,10 +606,10 @@ def structured_input_hessian(
         if isinstance(op, _Linear):
             if jac is None:
                 if len(shapes[i]) == 1:
-                    jac = op.weight.t()  # [n, out]
+                    jac = op.weight.t().contiguous()  # [n, out]
                     continue
                 jac = torch.eye(n, dtype=dtype, device=device).reshape(n, *shapes[i])
-            jac = jac @ op.weight.t()
+            jac = _fold_mm(jac, op.weight.t())
         elif isinstance(op, _Act):
             if i in cs:
                 c = cs[i].reshape(bsz, msel, -1)  # [B, msel, k]
@@ -613,7 +618,7 @@ def structured_input_hessian(
                     hess = hess + torch.diag_embed(c)
                 elif not batched:
                     jf = jac.reshape(n, k)
-                    contrib = (c.unsqueeze(2) * jf) @ jf.t()  # [B, msel, n, n]: one GEMM
+                    contrib = _fold_mm(c.unsqueeze(2) * jf, jf.t())  # [B, msel, n, n]
                     hess = hess + contrib
                 else:
                     jf = jac.reshape(bsz, n, k)
@@ -657,20 +662,91 @@ def structured_input_hessian(
 # Cost model
 # --------------------------------------------------------------------------------------------
 
-# Calibrated on the development CPU with benchmarks/structured_calibration.py (see there). All
-# costs are expressed in "GEMM-flop equivalents": one unit is the time of one flop inside a
-# large float32 matrix multiply.
-_ELEM_COST = 8.0  # one elementwise read/write (per element) in GEMM-flop units
-_OP_COST = 2.0e4  # fixed per-kernel overhead in GEMM-flop units
-_BMM_COST = 2.0  # extra factor for small batched matmuls (per flop)
-_GENERIC_ELEM_OPS = 6.0  # elementwise kernels per activation in the forward-over-reverse HVP
-_GENERIC_OPS_PER_LAYER = 30.0  # kernels per layer in vmap(jacfwd(jacrev)) (vmap plumbing)
-_STRUCT_OPS_PER_LAYER = 8.0
+# Machine constants, in units of "one flop inside a large float32 GEMM" on the development CPU
+# (2 cores, ~150 GFLOP/s). Fitted with `python benchmarks/structured_calibration.py --fit`.
+_ELEM_COST = 30.0  # one element read+written by an elementwise kernel
+_BMM_COST = 2.0  # per flop of a batched matmul with small matrices (vs a large GEMM)
+_OP_COST_STRUCTURED = 1.0e6  # fixed cost per kernel launched by the structured path
+_OP_COST_GENERIC = 2.5e6  # fixed cost per kernel under vmap(jacfwd(jacrev)) (batching rules)
 
 
-def _mm(m: float, k: float, n: float) -> float:
-    """Cost of an ``[m, k] @ [k, n]`` GEMM: flops plus memory traffic."""
-    return 2.0 * m * k * n + _ELEM_COST * (m * k + k * n + m * n)
+def _cost_terms(
+    ops: Sequence[_Op], shapes: Sequence[tuple[int, ...]], bsz: float, m: float
+) -> dict[str, float]:
+    """Raw counts (GEMM flops, batched-matmul flops, elementwise elements, kernels) per path."""
+    n = float(math.prod(shapes[0]))
+    curved = [isinstance(op, _Act) and op.curved for op in ops]
+    first_curv = curved.index(True) if any(curved) else len(ops)
+    last_curv = len(curved) - 1 - curved[::-1].index(True) if any(curved) else -1
+    t = dict.fromkeys(("s_gemm", "s_bmm", "s_elem", "s_ops", "g_gemm", "g_elem", "g_ops"), 0.0)
+    t["s_elem"] = bsz * m * n * n  # zero-initialised result
+    t["s_ops"] = 6.0
+    t["g_elem"] = 2.0 * bsz * m * n * n  # result assembly (stack + movedim copy)
+    t["g_ops"] = 12.0
+
+    def mm(key: str, rows: float, k: float, cols: float) -> None:
+        t[key + "_gemm"] += 2.0 * rows * k * cols
+        t[key + "_elem"] += rows * k + k * cols + rows * cols
+        t[key + "_ops"] += 1.0
+
+    jac = "none"  # Jacobian state of the structured forward sweep: none / shared / batched
+    for i, op in enumerate(ops):
+        k_in = float(math.prod(shapes[i]))
+        k = float(math.prod(shapes[i + 1]))
+        down_act = any(isinstance(o, _Act) for o in ops[i + 1 :])
+        down_curved = any(curved[i + 1 :])
+        if isinstance(op, _Linear):
+            din, dout = float(op.weight.shape[1]), float(op.weight.shape[0])
+            rows = k_in / din
+            # structured: forward; backward (only behind the first curved activation);
+            # Jacobian propagation (only up to the last curved activation)
+            mm("s", bsz * rows, din, dout)
+            if i > first_curv:
+                mm("s", (bsz if down_act else 1.0) * m * rows, dout, din)
+            if i < last_curv:
+                if jac == "batched":
+                    mm("s", bsz * n * rows, din, dout)
+                elif jac == "shared":
+                    mm("s", n * rows, din, dout)
+                else:
+                    t["s_elem"] += n * k
+                    jac = "shared"
+            # generic: forward, m backwards, n tangent forwards, n*m tangent backwards
+            mm("g", bsz * rows, din, dout)
+            mm("g", bsz * m * rows, dout, din)
+            mm("g", bsz * n * rows, din, dout)
+            if down_curved:
+                mm("g", bsz * n * m * rows, dout, din)
+        elif isinstance(op, _Act):
+            # structured: value and derivatives, c = sigma'' * g, g * sigma', J * sigma'
+            t["s_elem"] += 6.0 * bsz * k
+            t["s_ops"] += 8.0
+            if i >= first_curv:
+                t["s_elem"] += 2.0 * bsz * m * k
+                t["s_ops"] += 2.0
+            if i < last_curv:
+                t["s_elem"] += 2.0 * bsz * n * k
+                t["s_ops"] += 1.0
+            if curved[i]:
+                # left = c * J, then H += left @ J^T (batched, or one GEMM while J is shared)
+                t["s_elem"] += 2.0 * bsz * m * n * k + bsz * m * n * n
+                t["s_ops"] += 3.0
+                if jac == "batched":
+                    t["s_bmm"] += 2.0 * bsz * m * n * n * k
+                    t["s_elem"] += bsz * n * k
+                else:
+                    t["s_gemm"] += 2.0 * bsz * m * n * n * k
+            jac = "batched"
+            # generic: forward, backward (m), tangent forward (n), tangent backward (n*m)
+            t["g_elem"] += 3.0 * bsz * k + 4.0 * bsz * m * k + 4.0 * bsz * n * k
+            t["g_ops"] += 10.0
+            if curved[i]:
+                t["g_elem"] += 10.0 * bsz * n * m * k
+                t["g_ops"] += 6.0
+        else:
+            t["s_ops"] += 1.0
+            t["g_ops"] += 2.0
+    return t
 
 
 def structured_cost(
@@ -682,13 +758,14 @@ def structured_cost(
 ) -> dict[str, float]:
     """Predict the cost of the structured path and of the generic ``vmap(hessian)`` path.
 
-    The model counts, layer by layer, matrix-multiply flops, elementwise memory traffic and a
-    fixed per-kernel overhead (all in units of one large-GEMM flop; constants calibrated with
-    ``benchmarks/structured_calibration.py``). The structured path costs a forward pass, a
-    backward pass with ``m`` cotangents, a forward pass with ``n`` tangents and the curvature
-    contractions ``B m n^2 width``; the generic path (``vmap(jacfwd(jacrev(f)))``) costs a
-    forward pass, ``m`` backward passes and ``n`` forward-over-reverse Hessian-vector
-    products.
+    The model counts, layer by layer, matrix-multiply flops, elementwise memory traffic and
+    launched kernels, and weighs them with machine constants fitted by
+    ``benchmarks/structured_calibration.py --fit`` (in units of one large-GEMM flop). The
+    structured path costs a forward pass, a backward pass with ``m`` cotangents, a forward
+    pass with ``n`` tangents and the curvature contractions (``2 B m n^2 width`` flops per
+    curved activation); the generic path (``vmap(jacfwd(jacrev(f)))``) costs a forward pass,
+    ``m`` backward passes and ``n`` forward-over-reverse Hessian-vector products (``~4x`` a
+    forward pass each).
 
     Args:
         module: A network accepted by :func:`structured_input_hessian`.
@@ -698,7 +775,8 @@ def structured_cost(
 
     Returns:
         ``{"structured_flops", "generic_flops", "structured_bytes", "generic_bytes"}``: the
-        predicted cost (flop equivalents) and peak extra memory (bytes) of both paths.
+        predicted cost in flop equivalents and the predicted peak memory of the intermediates
+        (bytes) of both paths.
 
     Raises:
         UnsupportedLayerError: If ``module`` is not supported.
@@ -716,65 +794,33 @@ def structured_cost(
     ops = parsed
     bsz = float(x_shape[0])
     fs = tuple(int(s) for s in x_shape[1:])
-    n = float(math.prod(fs))
-    m = float(max(1, n_outputs_selected))
     shapes = _shapes(ops, fs)
+    m = float(max(1, n_outputs_selected))
+    n = float(math.prod(fs))
+    t = _cost_terms(ops, shapes, bsz, m)
+    s_flops = (
+        t["s_gemm"]
+        + _BMM_COST * t["s_bmm"]
+        + _ELEM_COST * t["s_elem"]
+        + _OP_COST_STRUCTURED * t["s_ops"]
+    )
+    g_flops = t["g_gemm"] + _ELEM_COST * t["g_elem"] + _OP_COST_GENERIC * t["g_ops"]
 
-    s_flops = 0.0
-    g_flops = 0.0
-    s_bytes = bsz * m * n * n  # the result
-    g_bytes = 2.0 * bsz * m * n * n  # the result and its transposed copy
-    s_live = 0.0  # stored per-layer tensors (structured)
-    g_live = 0.0  # saved tensors and their tangents (generic)
-    jac_batched = False
-    jac_exists = False
-    g_first_curved = False
-    n_layers = 0
-    for i, op in enumerate(ops):
-        k_in = float(math.prod(shapes[i]))
-        k_out = float(math.prod(shapes[i + 1]))
-        if isinstance(op, _Linear):
-            n_layers += 1
-            rows = k_in / op.weight.shape[1]  # extra leading per-sample dims
-            din, dout = float(op.weight.shape[1]), float(op.weight.shape[0])
-            # structured: forward, backward (m cotangents), Jacobian propagation (n tangents)
-            s_flops += _mm(bsz * rows, din, dout) + _mm(bsz * m * rows, dout, din)
-            if jac_batched:
-                s_flops += _mm(bsz * n * rows, din, dout)
-            elif jac_exists:
-                s_flops += _mm(n * rows, din, dout)
-            jac_exists = True
-            # generic: forward, m backward, n tangent forwards, n*m tangent backwards
-            g_flops += _mm(bsz * rows, din, dout) + _mm(bsz * m * rows, dout, din)
-            g_flops += _mm(bsz * n * rows, din, dout)
-            if g_first_curved:
-                g_flops += _mm(bsz * n * m * rows, dout, din)
-        elif isinstance(op, _Act):
-            n_layers += 1
-            k = k_out
-            # structured: derivatives (6 passes over [B, k]), J scaling, curvature weights
-            s_flops += _ELEM_COST * bsz * k * 6 + _ELEM_COST * bsz * m * k * 3
-            s_flops += _ELEM_COST * bsz * n * k * 2
-            s_live += bsz * k * (2 + m) + bsz * n * k * 2
-            g_live += bsz * k * 3 + bsz * n * k * 2 + bsz * n * m * k * 2
-            if op.curved:
-                # c * J (elementwise) and [B, m*n, k] @ [B, k, n]
-                s_flops += _ELEM_COST * bsz * m * n * k * 2
-                s_flops += _BMM_COST * 2.0 * bsz * m * n * n * k
-                s_flops += _ELEM_COST * bsz * (m * n * k + n * k + m * n * n)
-                g_first_curved = True
-            jac_batched = jac_exists or jac_batched
-            g_flops += _ELEM_COST * bsz * k * 3 + _ELEM_COST * bsz * m * k * 3
-            g_flops += _ELEM_COST * bsz * n * k * 3
-            g_flops += _ELEM_COST * _GENERIC_ELEM_OPS * bsz * n * m * k
-    s_flops += _OP_COST * (_STRUCT_OPS_PER_LAYER * n_layers + 10)
-    g_flops += _OP_COST * (_GENERIC_OPS_PER_LAYER * n_layers + 20)
-    g_flops += _ELEM_COST * 2.0 * bsz * m * n * n  # assembling and permuting the result
+    # Peak memory: the result plus the largest simultaneously live intermediates.
+    widths = [float(math.prod(s)) for s in shapes]
+    kmax = max(widths)
+    act_total = sum(
+        float(math.prod(shapes[i + 1])) for i, o in enumerate(ops) if isinstance(o, _Act)
+    )
+    hess = bsz * m * n * n
+    s_bytes = hess + bsz * act_total * (2.0 + m) + bsz * kmax * (3.0 * n + 2.0 * m * n)
+    # generic: saved activations and their tangents, the tangent cotangents, the result twice
+    g_bytes = 2.0 * hess + bsz * act_total * (3.0 + 2.0 * n) + bsz * kmax * 3.0 * n * m
     return {
         "structured_flops": s_flops,
         "generic_flops": g_flops,
-        "structured_bytes": (s_bytes + s_live) * dtype_bytes,
-        "generic_bytes": (g_bytes + g_live) * dtype_bytes,
+        "structured_bytes": s_bytes * dtype_bytes,
+        "generic_bytes": g_bytes * dtype_bytes,
     }
 
 
