@@ -598,10 +598,18 @@ def structured_input_hessian(
             g = _apply_reshape(g, 2 if g_batched else 1, shapes[i])
 
     # ---- 3. forward Jacobian propagation and curvature accumulation ----------------------
-    hess = torch.zeros(bsz, msel, n, n, dtype=dtype, device=device)
+    hess: Tensor | None = None  # [B, msel, n, n]; None while still zero
+
+    def accumulate(contrib: Tensor) -> Tensor:
+        if hess is None:
+            return contrib
+        if need_grad:
+            return hess + contrib
+        return hess.add_(contrib)
+
     jac: Tensor | None = None  # None: identity; [n, *shape]: shared; [B, n, *shape]: batched
     batched = False
-    for i in range(last_needed + 1 if last_needed < len(ops) else len(ops)):
+    for i in range(len(ops) if out_term is not None else last_needed + 1):
         op = ops[i]
         if isinstance(op, _Linear):
             if jac is None:
@@ -615,19 +623,20 @@ def structured_input_hessian(
                 c = cs[i].reshape(bsz, msel, -1)  # [B, msel, k]
                 k = c.shape[-1]
                 if jac is None:
-                    hess = hess + torch.diag_embed(c)
-                elif not batched:
+                    hess = accumulate(torch.diag_embed(c))
+                elif not batched:  # one GEMM: [B * msel * n, k] @ [k, n]
                     jf = jac.reshape(n, k)
-                    contrib = _fold_mm(c.unsqueeze(2) * jf, jf.t())  # [B, msel, n, n]
-                    hess = hess + contrib
-                else:
+                    hess = accumulate(_fold_mm(c.unsqueeze(2) * jf, jf.t()))
+                else:  # batched: [B, msel * n, k] @ [B, k, n]
                     jf = jac.reshape(bsz, n, k)
                     left = (c.unsqueeze(2) * jf.unsqueeze(1)).reshape(bsz, msel * n, k)
-                    hv = hess.view(bsz, msel * n, n)
-                    if need_grad:
+                    if hess is None:
+                        hess = torch.bmm(left, jf.transpose(1, 2)).view(bsz, msel, n, n)
+                    elif need_grad:
+                        hv = hess.view(bsz, msel * n, n)
                         hess = torch.baddbmm(hv, left, jf.transpose(1, 2)).view_as(hess)
                     else:
-                        hv.baddbmm_(left, jf.transpose(1, 2))
+                        hess.view(bsz, msel * n, n).baddbmm_(left, jf.transpose(1, 2))
             if i == last_needed and out_term is None:
                 break
             d1 = d1s[i]
@@ -640,9 +649,8 @@ def structured_input_hessian(
             else:
                 jac.mul_(d1.unsqueeze(1))
             batched = True
-        else:
-            if jac is not None:
-                jac = _apply_reshape(jac, 2 if batched else 1, shapes[i + 1])
+        elif jac is not None:
+            jac = _apply_reshape(jac, 2 if batched else 1, shapes[i + 1])
 
     if out_term is not None:
         if jac is None:
@@ -651,7 +659,9 @@ def structured_input_hessian(
             jo = jac.reshape(n, m_all).expand(bsz, n, m_all)
         else:
             jo = jac.reshape(bsz, n, m_all)
-        hess = hess + out_term(jo).unsqueeze(1)
+        hess = accumulate(out_term(jo).unsqueeze(1))
+    if hess is None:
+        hess = torch.zeros(bsz, msel, n, n, dtype=dtype, device=device)
 
     if per_output:
         return hess.reshape(bsz, msel, *fs, *fs)

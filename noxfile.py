@@ -1,0 +1,88 @@
+"""Nox sessions for torchcurv.
+
+Sessions:
+    tests      pytest over tests/ and the package doctests (posargs go to pytest)
+    lint       ruff check + ruff format --check
+    typecheck  mypy --strict on src/torchcurv (config in pyproject.toml)
+    docs       sphinx-build -W --keep-going into docs/_build/html
+    demo       python -m torchcurv demo (posargs passed through)
+    bench      python benchmarks/run.py (posargs passed through)
+
+Every session that needs torch installs the pinned CPU wheel first, so that pip never
+resolves ``torch`` to a (multi-GB) CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+import nox.command
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+TORCH = "torch==2.13.0"  # CPU wheel on local disk; a looser spec pulls a CUDA build
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py", "docs"]
+
+
+def install_project(session: nox.Session, extras: str = "") -> None:
+    """Install the CPU torch wheel, then the project (editable) with ``extras``."""
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]" if extras else ".")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() not in {"", "0", "false", "no", "off"}
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    install_project(session, "test")
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
+    profile = "ci" if _truthy(os.environ.get("CI")) else "dev"
+    session.run("pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": profile})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install(RUFF)
+    paths = [p for p in LINT_PATHS if os.path.exists(p)]
+    failed = []
+    for command in (["check"], ["format", "--check", "--output-format", "concise"]):
+        try:  # run both, so that one CI log shows every problem
+            session.run("ruff", *command, *paths)
+        except nox.command.CommandFailed:
+            failed.append(f"ruff {command[0]}")
+    if failed:
+        session.error(f"{' and '.join(failed)} failed")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install_project(session, "test")
+    session.install(MYPY)
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    if not os.path.exists("docs/conf.py"):
+        session.error("docs/conf.py does not exist yet; nothing to build")
+    install_project(session, "docs,demo")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    install_project(session, "demo")
+    session.run("python", "-m", "torchcurv", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    install_project(session)
+    session.run("python", "benchmarks/run.py", *session.posargs)
