@@ -33,6 +33,7 @@ import ctypes
 import ctypes.util
 import datetime
 import gc
+import itertools
 import math
 import os
 import pathlib
@@ -137,7 +138,7 @@ def seeded(seed: int) -> None:
 def mlp(widths: Sequence[int]) -> nn.Sequential:
     """A tanh MLP with the given widths (no activation after the last layer), eval mode."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.Tanh())
@@ -283,18 +284,8 @@ def input_workload(
 
 def params_matrix(H: Any, names: Sequence[str], batch_dims: int) -> Tensor:
     """``[*batch, P, P]`` from nested blocks ``H[a][b]: [*batch, *p_a, *p_b]``."""
-    rows = []
-    for a in names:
-        row = []
-        for b in names:
-            block = H[a][b]
-            lead = block.shape[:batch_dims]
-            n_a = math.prod(H[a][a].shape[batch_dims:]) if False else None  # noqa: F841
-            row.append(block)
-        rows.append(row)
-    shapes = {a: H[a][a].shape[batch_dims:] for a in names}
-    sizes = {a: math.isqrt(math.prod(s)) for a, s in shapes.items()}
     lead = H[names[0]][names[0]].shape[:batch_dims]
+    sizes = {a: math.isqrt(math.prod(H[a][a].shape[batch_dims:])) for a in names}
     return torch.cat(
         [torch.cat([H[a][b].reshape(*lead, sizes[a], sizes[b]) for b in names], dim=-1)
          for a in names],
@@ -404,3 +395,461 @@ def pinn_workload(quick: bool) -> Workload:
         mlp(widths), torch.randn(B, 2), None,
         loop_k=10 if quick else 50, agf_k=10 if quick else 50, n_outputs=3,
     )  # fmt: skip
+
+
+def all_workloads(quick: bool) -> list[Callable[[], Workload]]:
+    """Workload builders (built lazily, one at a time, so that memory is not held)."""
+    builders: list[Callable[[], Workload]] = [
+        lambda widths=widths, B=B: mlp_workload(widths, B, quick) for widths, B in MLP_SIZES
+    ]
+    return [*builders, lambda: cnn_workload(quick), lambda: pinn_workload(quick),
+            lambda: params_workload(quick)]  # fmt: skip
+
+
+WORKLOAD_NAMES = [
+    *(f"mlp-{'-'.join(map(str, w))}" for w, _ in MLP_SIZES), "cnn", "pinn", "params",
+]  # fmt: skip
+GROUPS = {"mlp": WORKLOAD_NAMES[:3]}
+SECTIONS = ["sweep", "budget"]
+
+
+# --------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    repeats: int  # most timed repeats per method
+    min_repeats: int
+    seconds_per_method: float  # fewer repeats (down to min_repeats) for slow methods
+    quick: bool
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def max_diff(result: Tensor, reference: Tensor) -> tuple[float, float]:
+    """``(max |result - reference|, max |reference|)``."""
+    if result.shape != reference.shape:
+        raise ValueError(f"shape {tuple(result.shape)} != torchcurv's {tuple(reference.shape)}")
+    return float((result - reference).abs().max()), float(reference.abs().max())
+
+
+def run_workload(w: Workload, s: Settings) -> tuple[list[Row], float]:
+    """Time every method of `w` (interleaved), measure its peak and check its result."""
+    rows = [Row(m, w.batch) for m in w.methods]
+    outputs: dict[str, Tensor] = {}
+    for row in rows:  # first call: includes per-model/shape one-time costs
+        result = None
+        try:
+            row.first, result = timed(row.method.run)
+            outputs[row.method.name] = row.method.as_tensor(result).detach()
+            row.first *= row.scale
+        except Exception as error:  # reported in the table
+            row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            log(traceback.format_exc())
+        del result
+    reference = outputs.get("torchcurv")
+    scale = math.nan
+    for row in rows:
+        if row.error is None and reference is not None:
+            try:
+                row.diff, scale = max_diff(outputs[row.method.name],
+                                           reference[: row.method.samples])  # fmt: skip
+            except ValueError as error:
+                row.error = str(error)
+    outputs.clear()
+    active = [row for row in rows if row.error is None]
+    counts = {}
+    for row in active:  # warm-up call, also sizes the number of repeats
+        warm, _ = timed(row.method.run)
+        counts[id(row)] = max(s.min_repeats,
+                              min(s.repeats, int(s.seconds_per_method / max(warm, 1e-9))))
+    for r in range(s.repeats):  # interleaved, so that disturbances hit all methods alike
+        for row in active:
+            if r < counts[id(row)]:
+                row.times.append(timed(row.method.run)[0])
+    for row in active:
+        row.peak, _ = measure_peak(row.method.run)
+    return rows, scale
+
+
+def workload_table(w: Workload, rows: list[Row], scale: float) -> list[str]:
+    by_name = {row.method.name: row for row in rows}
+    tc = by_name["torchcurv"].median
+    lines = [
+        f"### {w.title}", "", w.description, "",
+        "| method | samples timed | median [ms] | min [ms] | first call [ms] | repeats "
+        "| peak RSS [MiB] | time / torchcurv | max abs diff vs torchcurv | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]  # fmt: skip
+    for row in rows:
+        m = row.method
+        if row.error is not None:
+            lines.append(f"| {m.name} | | | | | | | | | ERROR: {row.error} |")
+            continue
+        timed_on = f"{m.samples} of {w.batch}" if m.samples < w.batch else f"all {w.batch}"
+        notes = [m.note] if m.note else []
+        if m.samples < w.batch:
+            notes.append(f"times x{row.scale:g} (extrapolated); peak of the {m.samples}-sample "
+                         "call")  # fmt: skip
+        lines.append(
+            f"| {m.name} | {timed_on} | {fmt_ms(row.median)} | {fmt_ms(row.fastest)} "
+            f"| {fmt_ms(row.first)} | {len(row.times)} | {fmt_mib(row.peak)} "
+            f"| {fmt_ratio(row.median / tc)} | {row.diff:.2e} | {'; '.join(notes)} |"
+        )
+    lines += ["", f"Largest |H| entry (torchcurv): {scale:.3g}.", ""]
+    return lines
+
+
+@dataclass
+class Target:
+    name: str
+    workload: str
+    measured: str
+    threshold: str
+    ok: bool | None
+
+
+def workload_targets(w: Workload, rows: list[Row], scale: float) -> list[Target]:
+    by_name = {row.method.name: row for row in rows}
+
+    def ratio(a: str, b: str) -> float | None:
+        ra, rb = by_name.get(a), by_name.get(b)
+        if ra is None or rb is None or ra.error or rb.error:
+            return None
+        return ra.median / rb.median
+
+    targets = []
+    if w.name != "cnn":
+        r = ratio("torchcurv", "vmap(hessian)")
+        targets.append(Target("overhead: torchcurv / vmap(hessian)", w.name, fmt_ratio(r),
+                              "<= 1.05x", None if r is None else r <= 1.05))  # fmt: skip
+        r = ratio("loop", "torchcurv")
+        targets.append(Target("speed-up over the loop: loop / torchcurv", w.name,
+                              fmt_ratio(r), ">= 20x", None if r is None else r >= 20))  # fmt: skip
+    else:
+        r = ratio("autograd.functional", "torchcurv")
+        targets.append(Target("speed-up: autograd.functional / torchcurv", w.name,
+                              fmt_ratio(r), ">= 2x", None if r is None else r >= 2))  # fmt: skip
+    worst = max((row.diff for row in rows if row.error is None), default=math.nan)
+    errors = [row.method.name for row in rows if row.error is not None]
+    rel = worst / scale if scale > 0 else worst
+    targets.append(Target(
+        "agreement: every method's max abs diff vs torchcurv <= 1e-4 x max|H|", w.name,
+        f"{rel:.1e} x max abs H" + (f"; errors: {', '.join(errors)}" if errors else ""),
+        "<= 1e-4", not errors and rel <= 1e-4,
+    ))  # fmt: skip
+    return targets
+
+
+def chunk_sweep(s: Settings) -> tuple[list[str], list[Target]]:
+    """Workload 2 with explicit (batch, inner, outer) chunk sizes."""
+    model, X = cnn_data()
+    model.requires_grad_(False)
+    configs: list[Any] = ["auto", None, (8, 1, 784), (8, 1, 196), (8, 1, 64), (8, 1, 16),
+                          (1, 1, 784), (1, 1, 64)]  # fmt: skip
+    repeats = 2 if s.quick else 3
+
+    def call(cfg: Any) -> Callable[[], Tensor]:
+        return lambda: torchcurv.per_sample_hessian(model, X, output=2, chunk_size=cfg)
+
+    reference = call(None)()
+    results = []
+    for cfg in configs:
+        fn = call(cfg)
+        first, H = timed(fn)
+        diff = float((H - reference).abs().max())
+        del H
+        times = [timed(fn)[0] for _ in range(repeats)]
+        peak, _ = measure_peak(fn)
+        results.append((cfg, first, statistics.median(times), peak, diff))
+    base = next(r for r in results if r[0] is None)
+    lines = [
+        "### Chunk-size sweep (workload 2, the CNN)", "",
+        "`per_sample_hessian(model, X, output=2, chunk_size=c)` with `c = (batch, inner, "
+        "outer)`: samples per vmap call, rows of the inner (reverse) Jacobian and columns of "
+        "the outer (forward) Jacobian per call. The input has 784 entries and the output 1, "
+        f"so `(8, 1, 784)` is one unchunked call. Median of {repeats} repeats.", "",
+        "| chunk_size | median [ms] | first call [ms] | peak RSS [MiB] | time / unchunked "
+        "| peak / unchunked | max abs diff vs unchunked |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]  # fmt: skip
+    for cfg, first, med, peak, diff in results:
+        peak_ratio = (f"{peak / base[3]:.2f}" if peak is not None and base[3] else "n/a")
+        lines.append(f"| `{cfg!r}` | {fmt_ms(med)} | {fmt_ms(first)} | {fmt_mib(peak)} "
+                     f"| {fmt_ratio(med / base[2])} | {peak_ratio} | {diff:.1e} |")  # fmt: skip
+    lines.append("")
+    return lines, []
+
+
+def planner_diagnostic(model: nn.Module, X: Tensor, budget: int) -> str:
+    """The planner's chunks for `budget` (private API; diagnostics only)."""
+    try:
+        from torchcurv import _modules, _planning
+
+        probes = list(_modules._PROBES.get(model, {}).values())
+        if not probes:
+            return "no probe cached"
+        work, m = probes[-1]
+        n = X[0].numel()
+        plan = _planning.plan_chunks("per_sample_hessian", batch=X.shape[0], axes=(m, n),
+                                     result_bytes=m * n * n * X.element_size(),
+                                     work_bytes=work, budget=budget)  # fmt: skip
+        return (f"probe W={work / MiB:.2f} MiB per HVP; plan (batch, inner, outer) = "
+                f"({plan.batch}, {', '.join(map(str, plan.axes))}), predicted peak "
+                f"{plan.predicted_peak / MiB:.1f} MiB")
+    except Exception as error:  # diagnostics only
+        return f"plan unavailable ({type(error).__name__}: {error})"
+
+
+def budget_check(s: Settings) -> tuple[list[str], list[Target]]:
+    """memory_budget = half the unchunked peak: measured peak and time vs unchunked."""
+    cases = []
+    seeded(1)
+    widths, B = MLP_SIZES[-1]
+    cases.append((f"mlp-{'-'.join(map(str, widths))}", mlp(widths), torch.randn(B, widths[0]),
+                  0))  # fmt: skip
+    model, X = cnn_data()
+    cases.append(("cnn", model, X, 2))
+    repeats = 3 if s.quick else 5
+    lines = [
+        "### Memory budget (half the unchunked peak)", "",
+        "`P` = peak of `per_sample_hessian(..., chunk_size=None)` (median of 3 measurements); "
+        "then `memory_budget=P // 2` (with the default `chunk_size='auto'`). The budgeted "
+        "peak is the largest of 3 measurements. Times are medians of "
+        f"{repeats} interleaved repeats after warm-up.", "",
+        "| workload | unchunked peak P [MiB] | budget [MiB] | budgeted peak [MiB] "
+        "| peak / budget | within budget (+10%) | unchunked [ms] | budgeted [ms] "
+        "| time ratio | max abs diff | planner (diagnostic) |",
+        "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|---|",
+    ]  # fmt: skip
+    targets = []
+    for name, model, X, output in cases:
+        model.requires_grad_(False)
+
+        def unchunked(model: nn.Module = model, X: Tensor = X, output: int = output) -> Tensor:
+            return torchcurv.per_sample_hessian(model, X, output=output, chunk_size=None)
+
+        reference = unchunked()
+        peaks = [measure_peak(unchunked)[0] for _ in range(3)]
+        if any(p is None for p in peaks):
+            lines.append(f"| {name} | n/a (peak RSS not measurable here) | | | | | | | | | |")
+            continue
+        P = int(statistics.median(peaks))  # type: ignore[type-var]
+        budget = P // 2
+
+        def budgeted(model: nn.Module = model, X: Tensor = X, output: int = output,
+                     budget: int = budget) -> Tensor:  # fmt: skip
+            return torchcurv.per_sample_hessian(model, X, output=output, memory_budget=budget)
+
+        try:
+            H = budgeted()  # first call: the probe
+        except torchcurv.MemoryBudgetError as error:
+            lines.append(f"| {name} | {fmt_mib(P)} | {fmt_mib(budget)} | raised "
+                         f"MemoryBudgetError: {error} | | | | | | | |")  # fmt: skip
+            targets.append(Target("memory budget: peak <= budget + 10%", name, "raised", "",
+                                  False))  # fmt: skip
+            continue
+        diff = float((H - reference).abs().max())
+        del H, reference
+        got = [measure_peak(budgeted)[0] for _ in range(3)]
+        peak = max(p for p in got if p is not None)
+        t_un, t_bu = [], []
+        timed(unchunked)
+        for _ in range(repeats):
+            t_un.append(timed(unchunked)[0])
+            t_bu.append(timed(budgeted)[0])
+        ratio = statistics.median(t_bu) / statistics.median(t_un)
+        within = peak <= 1.1 * budget
+        lines.append(
+            f"| {name} | {fmt_mib(P)} | {fmt_mib(budget)} | {fmt_mib(peak)} "
+            f"| {peak / budget:.2f} | {passfail(within)} | {fmt_ms(statistics.median(t_un))} "
+            f"| {fmt_ms(statistics.median(t_bu))} | {fmt_ratio(ratio)} | {diff:.1e} "
+            f"| {planner_diagnostic(model, X, budget)} |"
+        )
+        targets.append(Target("memory budget: measured peak <= budget + 10%", name,
+                              f"{peak / MiB:.1f} MiB of {budget / MiB:.1f} MiB "
+                              f"({peak / budget:.2f}x)", "<= 1.10x", within))  # fmt: skip
+        targets.append(Target("memory budget: time / unchunked time", name, fmt_ratio(ratio),
+                              "<= 1.5x", ratio <= 1.5))  # fmt: skip
+    lines.append("")
+    return lines, targets
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(s: Settings, peak_note: str, start_load: str) -> list[str]:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 0
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        "# torchcurv benchmarks", "",
+        f"Generated by `python benchmarks/run.py{' --quick' if s.quick else ''}` on {now}.", "",
+        "## Machine", "",
+        f"- CPU: {cpu_model()}, {cores} cores usable ({os.cpu_count()} online)",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
+        f"(default), {torch.get_num_interop_threads()} inter-op threads; "
+        f"torchcurv {torchcurv.__version__}; Python {platform.python_version()}; "
+        f"{platform.system()} {platform.release()}",
+        f"- load average (1/5/15 min) at start: {start_load}; the machine may be shared, "
+        "so absolute times are noisy. Methods are interleaved repeat by repeat, so ratios are "
+        "more stable than times.",
+        f"- malloc environment: {malloc_env or 'glibc defaults (no MALLOC_* variables)'}",
+        "",
+        "## Method", "",
+        "- **Time**: `time.perf_counter` around one call; median (and min) over repeats "
+        f"(at most {s.repeats}, at least {s.min_repeats}; fewer for slow methods) after a "
+        "warm-up call, repeats interleaved across methods. Float32, fixed seeds, models in "
+        "eval mode; for input Hessians the parameters have `requires_grad=False`, so no "
+        "method records a graph towards them.",
+        "- **First call**: the first call on this model and shape, before the warm-up. For "
+        "torchcurv it includes the memory probe (one HVP under an allocation counter) that "
+        "is cached per model and shape. Process-wide one-time costs (torch's lazy "
+        "initialisation of forward-mode AD and vmap) were paid by a global warm-up on a tiny "
+        "model before the first workload.",
+        "- **Slow loops**: the loop methods may be timed on the first `k` samples; their "
+        "times are multiplied by `B / k` (linear extrapolation; marked in the table), their "
+        "peak RSS is that of the `k`-sample call.",
+        f"- **Peak RSS**: additional peak resident memory of one call: `gc.collect()` and "
+        "glibc `malloc_trim(0)` (so memory freed earlier but kept by malloc is returned to "
+        "the OS and must be faulted in again), then write `5` to `/proc/self/clear_refs` "
+        "(resets `VmHWM`), read `VmRSS`, call, read `VmHWM`; peak = `VmHWM - VmRSS`. It "
+        "includes the result. Measured once per method after the timed repeats "
+        f"(steady state, probes cached). Check on this machine: {peak_note}.",
+        "- **Agreement**: each method's result is compared with torchcurv's on the samples "
+        "it computed (max abs difference).",
+        "",
+    ]  # fmt: skip
+
+
+def targets_table(targets: list[Target]) -> list[str]:
+    lines = [
+        "## Targets", "",
+        "Computed, not asserted (`--strict` makes a failure exit 1). Ratios are of median "
+        "times.", "",
+        "| target | workload | measured | threshold | result |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for t in targets:
+        lines.append(f"| {t.name} | {t.workload} | {t.measured} | {t.threshold} "
+                     f"| {passfail(t.ok)} |")  # fmt: skip
+    passed = sum(t.ok is True for t in targets)
+    failed = sum(t.ok is False for t in targets)
+    lines += ["", f"{passed} passed, {failed} failed, {len(targets) - passed - failed} n/a.", ""]
+    return lines
+
+
+def global_warmup() -> None:
+    """Pay process-wide one-time costs before timing anything."""
+    seeded(0)
+    model = mlp([3, 4, 1]).requires_grad_(False)
+    X = torch.randn(2, 3)
+
+    def f(x: Tensor) -> Tensor:
+        return model(x.unsqueeze(0))[0, 0]
+
+    torchcurv.per_sample_hessian(model, X, output=0)
+    torch.vmap(torch.func.hessian(f))(X)
+    torch.autograd.functional.hessian(f, X[0], vectorize=True)
+    torchcurv.reference.hessian(f)(X[0])
+    measure_peak(lambda: None)
+
+
+def selected(name: str, only: list[str] | None) -> bool:
+    if not only:
+        return True
+    return any(token == name or name in GROUPS.get(token, ()) for token in only)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="torchcurv benchmarks: per-sample Hessians vs torch.func / autograd.")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and smaller loop subsets (< 3 min)")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        choices=[*WORKLOAD_NAMES, *GROUPS, *SECTIONS],
+                        help="run only this workload, group or section (repeatable): "
+                        f"{', '.join([*WORKLOAD_NAMES, *GROUPS, *SECTIONS])}")
+    parser.add_argument("--out", type=pathlib.Path, default=HERE / "results.md",
+                        help="markdown report (default: benchmarks/results.md)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
+    args = parser.parse_args(argv)  # fmt: skip
+
+    global PEAK_OK
+    PEAK_OK, peak_note = peak_rss_supported()
+    if not PEAK_OK:
+        peak_note = f"NOT supported ({peak_note}); peaks are reported as n/a"
+    s = (Settings(repeats=3, min_repeats=3, seconds_per_method=2.0, quick=True) if args.quick
+         else Settings(repeats=9, min_repeats=3, seconds_per_method=6.0, quick=False))  # fmt: skip
+    start, start_load = time.perf_counter(), load()
+    global_warmup()
+    body: list[str] = ["## Workloads", ""]
+    targets: list[Target] = []
+    for name, build in zip(WORKLOAD_NAMES, all_workloads(args.quick), strict=True):
+        if not selected(name, args.only):
+            continue
+        log(f"[{time.perf_counter() - start:6.1f}s] {name} ...")
+        try:
+            w = build()
+            rows, scale = run_workload(w, s)
+            body += workload_table(w, rows, scale)
+            targets += workload_targets(w, rows, scale)
+            del w, rows
+        except Exception as error:  # reported, the run goes on
+            log(traceback.format_exc())
+            body += [f"### {name}", "", f"ERROR: {type(error).__name__}: {error}", ""]
+            targets.append(Target("ran without error", name, "error", "", False))
+        release_memory()
+    for section, fn in (("sweep", chunk_sweep), ("budget", budget_check)):
+        if not selected(section, args.only):
+            continue
+        log(f"[{time.perf_counter() - start:6.1f}s] {section} ...")
+        try:
+            lines, more = fn(s)
+            body += lines
+            targets += more
+        except Exception as error:  # reported, the run goes on
+            log(traceback.format_exc())
+            body += [f"### {section}", "", f"ERROR: {type(error).__name__}: {error}", ""]
+            targets.append(Target("ran without error", section, "error", "", False))
+        release_memory()
+    elapsed = time.perf_counter() - start
+    footer = [f"Total run time {elapsed:.0f} s; load average at the end: {load()}.", ""]
+    text = "\n".join([*header(s, peak_note, start_load), *targets_table(targets), *body,
+                      *footer])  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    log(f"wrote {args.out} in {elapsed:.0f} s")
+    failed = any(t.ok is False for t in targets)
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

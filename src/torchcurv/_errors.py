@@ -46,6 +46,9 @@ def describe(value: Any) -> str:
 
     if isinstance(value, torch.Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, (list, tuple)) and not any(isinstance(v, torch.Tensor) for v in value):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
     if isinstance(value, (list, tuple)) and len(value) > 6:
         return f"{type(value).__name__} of {len(value)} items"
     if isinstance(value, (list, tuple)):

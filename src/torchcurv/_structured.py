@@ -24,15 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchcurv._errors import TorchcurvError, UnsupportedModuleError
+
 __all__ = [
-    "StructuredArgumentError",
-    "UnsupportedLayerError",
     "prefer_structured",
     "structured_cost",
     "structured_input_hessian",
@@ -42,12 +42,17 @@ __all__ = [
 _FN = "structured_input_hessian"
 
 
-class StructuredArgumentError(ValueError):
-    """An argument of :func:`structured_input_hessian` is invalid (shape, index, loss...)."""
-
-
-class UnsupportedLayerError(StructuredArgumentError):
-    """The module contains a layer the structured Hessian path cannot handle."""
+def _fail(
+    argument: str,
+    problem: str,
+    got: str,
+    fix: str,
+    *,
+    fn: str = _FN,
+    error: type[TorchcurvError] = TorchcurvError,
+) -> NoReturn:
+    """Raise ``error`` with the house message: function, argument, what came in, the fix."""
+    raise error(f"{fn}: {argument} {problem}, got {got}. {fix}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,16 +216,20 @@ def _norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _out_shape(op: _Op, cur: tuple[int, ...]) -> tuple[int, ...]:
+def _out_shape(op: _Op, cur: tuple[int, ...], fn: str, arg: str) -> tuple[int, ...]:
     """Per-sample output shape of ``op`` for per-sample input shape ``cur``; raises on mismatch."""
     full = len(cur) + 1  # including the batch dimension
+    got = f"per-sample shape {cur} at layer {op.name}"
     if isinstance(op, _Linear):
         in_f = op.weight.shape[1]
         if len(cur) == 0 or cur[-1] != in_f:
-            raise StructuredArgumentError(
-                f"{_FN}: layer {op.name} (Linear) expects per-sample features whose last dim is "
-                f"{in_f}, but receives per-sample shape {cur}; fix the input shape of `x` or add "
-                "an nn.Flatten before it"
+            _fail(
+                arg,
+                f"does not fit layer {op.name} (Linear), which expects per-sample features "
+                f"whose last dim is {in_f}",
+                got,
+                "Pass inputs of the right shape or add an nn.Flatten() before the layer.",
+                fn=fn,
             )
         return (*cur[:-1], op.weight.shape[0])
     if isinstance(op, _Act):
@@ -228,36 +237,42 @@ def _out_shape(op: _Op, cur: tuple[int, ...]) -> tuple[int, ...]:
     if isinstance(op, _Flatten):
         start, end = _norm_dim(op.start_dim, full), _norm_dim(op.end_dim, full)
         if not (1 <= start < full and 1 <= end < full) or start > end:
-            raise StructuredArgumentError(
-                f"{_FN}: layer {op.name} (Flatten(start_dim={op.start_dim}, end_dim={op.end_dim}))"
-                f" must flatten per-sample feature dims only, but the input is "
-                f"[batch, *{cur}]; use nn.Flatten(start_dim=1)"
+            _fail(
+                "module",
+                f"has layer {op.name} (Flatten(start_dim={op.start_dim}, "
+                f"end_dim={op.end_dim})), which must flatten per-sample feature dims only",
+                got,
+                "Use nn.Flatten(start_dim=1) so the batch dimension is kept.",
+                fn=fn,
+                error=UnsupportedModuleError,
             )
         i, j = start - 1, end - 1
         return (*cur[:i], math.prod(cur[i : j + 1]), *cur[j + 1 :])
     dim = _norm_dim(op.dim, full)
-    if not 1 <= dim < full:
-        raise StructuredArgumentError(
-            f"{_FN}: layer {op.name} (Unflatten(dim={op.dim})) must act on a per-sample feature "
-            f"dim, but the input is [batch, *{cur}]"
-        )
     sizes = list(op.sizes)
-    if sizes.count(-1) == 1:
+    if 1 <= dim < full and sizes.count(-1) == 1:
         known = math.prod(s for s in sizes if s != -1)
         sizes[sizes.index(-1)] = cur[dim - 1] // known if known else 0
-    if math.prod(sizes) != cur[dim - 1]:
-        raise StructuredArgumentError(
-            f"{_FN}: layer {op.name} (Unflatten) cannot unflatten a dim of size {cur[dim - 1]} "
-            f"into {op.sizes}"
+    if not 1 <= dim < full or math.prod(sizes) != cur[dim - 1]:
+        _fail(
+            "module",
+            f"has layer {op.name} (Unflatten(dim={op.dim}, {op.sizes})), which must unflatten "
+            "a per-sample feature dim of matching size",
+            got,
+            "Fix the Unflatten sizes or the input shape.",
+            fn=fn,
+            error=UnsupportedModuleError,
         )
     return (*cur[: dim - 1], *sizes, *cur[dim:])
 
 
-def _shapes(ops: Sequence[_Op], feature_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+def _shapes(
+    ops: Sequence[_Op], feature_shape: tuple[int, ...], fn: str = _FN, arg: str = "x"
+) -> list[tuple[int, ...]]:
     """Per-sample shapes before each op and after the last one (``len(ops) + 1`` entries)."""
     shapes = [feature_shape]
     for op in ops:
-        shapes.append(_out_shape(op, shapes[-1]))
+        shapes.append(_out_shape(op, shapes[-1], fn, arg))
     return shapes
 
 
@@ -330,20 +345,26 @@ def _select_outputs(output: int | slice | None, m: int) -> tuple[list[int], bool
     if isinstance(output, slice):
         idx = list(range(m))[output]
         if not idx:
-            raise StructuredArgumentError(
-                f"{_FN}: argument `output`={output!r} selects no outputs of the network, which "
-                f"has {m} outputs per sample; pass a non-empty slice"
+            _fail(
+                "output",
+                f"selects no outputs of the network, which has {m} (flattened) outputs per sample",
+                repr(output),
+                "Pass a non-empty slice, an int or None.",
             )
         return idx, True
     if isinstance(output, bool) or not isinstance(output, int):
-        raise StructuredArgumentError(
-            f"{_FN}: argument `output` must be None, an int or a slice, got "
-            f"{type(output).__name__} {output!r}"
+        _fail(
+            "output",
+            "must be None, an int or a slice",
+            f"{type(output).__name__} {output!r}",
+            "Pass output=None (all outputs), an index such as output=0, or a slice.",
         )
     if not -m <= output < m:
-        raise StructuredArgumentError(
-            f"{_FN}: argument `output`={output} is out of range for a network with {m} outputs "
-            f"per sample (flattened); pass an index in [{-m}, {m - 1}]"
+        _fail(
+            "output",
+            f"is out of range for a network with {m} (flattened) outputs per sample",
+            str(output),
+            f"Pass an index in [{-m}, {m - 1}].",
         )
     return [output % m], False
 
@@ -355,37 +376,48 @@ def _loss_grad_and_curv(
     b, m = out.shape
     if loss is F.cross_entropy:
         if len(out_shape) != 1:
-            raise StructuredArgumentError(
-                f"{_FN}: argument `loss`=cross_entropy needs a 1-D per-sample output (class "
-                f"logits), but the network output per sample has shape {out_shape}"
+            _fail(
+                "loss",
+                "is cross_entropy, which needs a 1-D per-sample output of class logits",
+                f"per-sample output shape {out_shape}",
+                "Flatten the network output or use loss=F.mse_loss.",
             )
         p = torch.softmax(out, dim=-1)
         if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             if targets.shape != (b,):
-                raise StructuredArgumentError(
-                    f"{_FN}: argument `targets` with class indices must have shape [{b}], got "
-                    f"{tuple(targets.shape)}"
+                _fail(
+                    "targets",
+                    f"of class indices must have shape ({b},), one per sample",
+                    f"shape {tuple(targets.shape)}",
+                    "Pass one class index per sample.",
                 )
             if bool(((targets < 0) | (targets >= m)).any()):
-                raise StructuredArgumentError(
-                    f"{_FN}: argument `targets` contains class indices outside [0, {m - 1}]"
+                _fail(
+                    "targets",
+                    f"must hold class indices in [0, {m - 1}]",
+                    f"values in [{int(targets.min())}, {int(targets.max())}]",
+                    "Fix the targets; ignore_index is not supported by the structured path.",
                 )
             onehot = F.one_hot(targets.long(), m).to(out.dtype)
             grad = p - onehot
             scale: Tensor | None = None
         elif targets.is_floating_point():
             if targets.shape != (b, m):
-                raise StructuredArgumentError(
-                    f"{_FN}: argument `targets` with class probabilities must have shape "
-                    f"[{b}, {m}], got {tuple(targets.shape)}"
+                _fail(
+                    "targets",
+                    f"of class probabilities must have shape ({b}, {m})",
+                    f"shape {tuple(targets.shape)}",
+                    "Pass one probability vector per sample.",
                 )
             t = targets.to(out.dtype)
             scale = t.sum(dim=-1)
             grad = p * scale[:, None] - t
         else:
-            raise StructuredArgumentError(
-                f"{_FN}: argument `targets` for cross_entropy must be int64 class indices or "
-                f"floating class probabilities, got dtype {targets.dtype}"
+            _fail(
+                "targets",
+                "for cross_entropy must be integer class indices or floating class probabilities",
+                f"dtype {targets.dtype}",
+                "Convert the targets with .long() or .float().",
             )
 
         def ce_term(jac: Tensor) -> Tensor:  # jac: [B, n, m]
@@ -400,14 +432,18 @@ def _loss_grad_and_curv(
         return grad, ce_term
     if loss is F.mse_loss:
         if tuple(targets.shape) != (b, *out_shape):
-            raise StructuredArgumentError(
-                f"{_FN}: argument `targets` for mse_loss must have the output's shape "
-                f"{(b, *out_shape)}, got {tuple(targets.shape)}"
+            _fail(
+                "targets",
+                f"for mse_loss must have the output's shape {(b, *out_shape)}",
+                f"shape {tuple(targets.shape)}",
+                "Reshape the targets to the network output's shape.",
             )
         if not targets.is_floating_point():
-            raise StructuredArgumentError(
-                f"{_FN}: argument `targets` for mse_loss must be floating point, got "
-                f"{targets.dtype}"
+            _fail(
+                "targets",
+                "for mse_loss must be floating point",
+                f"dtype {targets.dtype}",
+                "Convert the targets with .to(x.dtype).",
             )
         grad = (out - targets.reshape(b, m).to(out.dtype)) * (2.0 / m)
 
@@ -415,10 +451,15 @@ def _loss_grad_and_curv(
             return (jac @ jac.transpose(-1, -2)) * (2.0 / m)
 
         return grad, mse_term
-    name = getattr(loss, "__qualname__", repr(loss))
-    raise StructuredArgumentError(
-        f"{_FN}: argument `loss`={name} is not supported; the structured path supports "
-        f"{_LOSSES} (identity check); use per_sample_hessian(mode='generic') for other losses"
+    _unsupported_loss(loss)
+
+
+def _unsupported_loss(loss: object) -> NoReturn:
+    _fail(
+        "loss",
+        f"is not supported by the structured path, which supports {_LOSSES} (identity check)",
+        getattr(loss, "__qualname__", repr(loss)),
+        "Use one of those, or per_sample_hessian(mode='generic') for other losses.",
     )
 
 
@@ -472,10 +513,10 @@ def structured_input_hessian(
         device of ``x``. Differentiable with respect to ``x`` and the parameters.
 
     Raises:
-        UnsupportedLayerError: If ``module`` contains an unsupported layer, a forward hook or
+        UnsupportedModuleError: If ``module`` contains an unsupported layer, a forward hook or
             a ``Dropout`` with ``p > 0`` in training mode.
-        StructuredArgumentError: For shape mismatches, an out-of-range ``output``, an
-            unsupported ``loss`` or malformed ``targets``. Both are ``ValueError`` subclasses.
+        TorchcurvError: For shape mismatches, an out-of-range ``output``, an unsupported
+            ``loss`` or malformed ``targets``. Both are ``ValueError`` subclasses.
 
     Example:
         A one-hidden-layer ``tanh`` network ``y = v^T tanh(W x + b)`` has the closed form
@@ -496,45 +537,49 @@ def structured_input_hessian(
     """
     parsed = _parse(module)
     if isinstance(parsed, str):
-        raise UnsupportedLayerError(
-            f"{_FN}: argument `module` cannot use the structured path: {parsed}. Fix: use "
-            "per_sample_hessian(mode='generic') or replace the layer"
+        raise UnsupportedModuleError(
+            f"{_FN}: module cannot use the structured path, got {type(module).__name__} in "
+            f"which {parsed}. Use per_sample_hessian(mode='generic') or replace the layer."
         )
     ops = parsed
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise StructuredArgumentError(
-            f"{_FN}: argument `x` must be a floating-point tensor [B, *feature_shape], got "
-            f"{type(x).__name__}"
-            + (
-                f" with dtype {x.dtype} and shape {tuple(x.shape)}"
+        _fail(
+            "x",
+            "must be a floating-point tensor [B, *feature_shape]",
+            (
+                f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
                 if isinstance(x, Tensor)
-                else ""
-            )
+                else type(x).__name__
+            ),
+            "Pass a batch of floating-point inputs.",
         )
     for op in ops:
         if isinstance(op, _Linear) and op.weight.dtype != x.dtype:
-            raise StructuredArgumentError(
-                f"{_FN}: argument `x` has dtype {x.dtype} but layer {op.name} (Linear) has "
-                f"dtype {op.weight.dtype}; convert one of them (e.g. module.to(x.dtype))"
+            _fail(
+                "x",
+                f"must have the dtype of layer {op.name} (Linear), {op.weight.dtype}",
+                f"dtype {x.dtype}",
+                "Convert one of them, e.g. module.to(x.dtype).",
             )
     if loss is None and targets is not None:
-        raise StructuredArgumentError(f"{_FN}: argument `targets` was given without `loss`")
+        _fail(
+            "targets",
+            "was given without `loss`",
+            f"Tensor(shape={tuple(targets.shape)})",
+            "Pass loss=F.cross_entropy or loss=F.mse_loss, or drop targets.",
+        )
     if loss is not None:
         if targets is None:
-            raise StructuredArgumentError(
-                f"{_FN}: argument `loss` needs `targets`; pass targets=... with one per sample"
-            )
+            _fail("loss", "needs `targets`", "targets=None", "Pass one target per sample.")
         if output is not None:
-            raise StructuredArgumentError(
-                f"{_FN}: arguments `output`={output!r} and `loss` are mutually exclusive; the "
-                "loss is applied to the full output, so pass output=None"
+            _fail(
+                "output",
+                "must be None when `loss` is given (the loss uses the full output)",
+                repr(output),
+                "Pass output=None.",
             )
         if loss is not F.cross_entropy and loss is not F.mse_loss:
-            name = getattr(loss, "__qualname__", repr(loss))
-            raise StructuredArgumentError(
-                f"{_FN}: argument `loss`={name} is not supported; the structured path supports "
-                f"{_LOSSES} (identity check); use per_sample_hessian(mode='generic') instead"
-            )
+            _unsupported_loss(loss)
 
     bsz = x.shape[0]
     fs = tuple(x.shape[1:])
@@ -789,8 +834,8 @@ def structured_cost(
         (bytes) of both paths.
 
     Raises:
-        UnsupportedLayerError: If ``module`` is not supported.
-        StructuredArgumentError: If ``x_shape`` does not fit the module.
+        UnsupportedModuleError: If ``module`` is not supported.
+        TorchcurvError: If ``x_shape`` does not fit the module.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -800,11 +845,14 @@ def structured_cost(
     """
     parsed = _parse(module)
     if isinstance(parsed, str):
-        raise UnsupportedLayerError(f"structured_cost: argument `module`: {parsed}")
+        raise UnsupportedModuleError(
+            f"structured_cost: module cannot use the structured path, got "
+            f"{type(module).__name__} in which {parsed}. Check unsupported_layer(module) first."
+        )
     ops = parsed
     bsz = float(x_shape[0])
     fs = tuple(int(s) for s in x_shape[1:])
-    shapes = _shapes(ops, fs)
+    shapes = _shapes(ops, fs, "structured_cost", "x_shape")
     m = float(max(1, n_outputs_selected))
     n = float(math.prod(fs))
     t = _cost_terms(ops, shapes, bsz, m)
@@ -866,6 +914,6 @@ def prefer_structured(
         cost = structured_cost(
             module, x_shape, n_outputs_selected=n_outputs_selected, dtype_bytes=dtype_bytes
         )
-    except StructuredArgumentError:
+    except TorchcurvError:
         return False
     return cost["structured_flops"] < cost["generic_flops"]

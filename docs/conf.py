@@ -1,0 +1,62 @@
+"""Sphinx configuration for the torchcurv documentation.
+
+Build with ``nox -s docs`` or ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+Examples on the tutorial pages run at build time (``docs/_ext/torchcurv_docs.py``); the
+figures they draw go to ``docs/_generated/``, which is not committed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS / "_ext"))
+# A source checkout builds without installing the package first.
+sys.path.insert(0, str(DOCS.parent / "src"))
+
+import torchcurv  # noqa: E402
+
+project = "torchcurv"
+author = "torchcurv developers"
+copyright = "torchcurv developers"  # noqa: A001 - Sphinx's name
+release = torchcurv.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "torchcurv_docs",
+]
+
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
+templates_path: list[str] = []
+default_role = "py:obj"  # `name` in docstrings links to the object where it can
+pygments_style = "sphinx"
+
+# autodoc + napoleon: Google-style docstrings, signatures without type annotations (the
+# docstrings describe the types; the annotations are long unions).
+autodoc_typehints = "none"
+autodoc_member_order = "bysource"
+autodoc_preserve_defaults = True
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+# Every name in these modules' __all__ must be documented on the given page.
+api_coverage = {
+    "torchcurv": "api",
+    "torchcurv.reference": "api",
+    "torchcurv.testing": "api",
+}
+
+try:
+    import sphinx_rtd_theme  # noqa: F401
+
+    html_theme = "sphinx_rtd_theme"
+except ImportError:  # pragma: no cover - the docs extra installs it
+    html_theme = "alabaster"
+html_title = f"torchcurv {release}"
+html_static_path = ["_static"]
+html_css_files = ["torchcurv.css"]
