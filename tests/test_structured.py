@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import torchcurv._structured as structured_module
 from torchcurv._errors import UnsupportedModuleError
 from torchcurv._structured import (
     prefer_structured,
@@ -90,6 +94,24 @@ def reference_loop(
             ]
             results.append(torch.stack(per_out))
     return torch.stack(results)
+
+
+@contextmanager
+def reduction(mode: str) -> Iterator[None]:
+    """Force the affine-prefix reduction on ("always") or off ("never"), or leave it ("auto")."""
+    if mode == "auto":
+        yield
+        return
+
+    def plan(
+        ops: Sequence[Any], shapes: Any, bsz: float, m: float
+    ) -> tuple[int, dict[str, float]]:
+        p = next((i for i, o in enumerate(ops) if type(o).__name__ == "_Act"), len(ops))
+        has_linear = any(type(o).__name__ == "_Linear" for o in ops[:p])
+        return (p if mode == "always" and has_linear else 0), {}
+
+    with mock.patch.object(structured_module, "_plan", plan):
+        yield
 
 
 def check(
@@ -186,6 +208,7 @@ def _inputs(draw: st.DrawFn, batch: int, n: int) -> Tensor:
 @given(data=st.data())
 def test_matches_references_outputs(data: st.DataObject) -> None:
     net, n, m = data.draw(networks())
+    mode = data.draw(st.sampled_from(["auto", "always", "never"]))
     batch = data.draw(st.integers(1, 4))
     x = _inputs(data.draw, batch, n)
     output = data.draw(
@@ -197,7 +220,8 @@ def test_matches_references_outputs(data: st.DataObject) -> None:
             ),
         )
     )
-    h = check(net, x, output)
+    with reduction(mode):
+        h = check(net, x, output)
     selects_scalar = isinstance(output, int) or (output is None and m == 1)
     if selects_scalar:
         assert h.shape == (batch, n, n)
@@ -210,6 +234,7 @@ def test_matches_references_outputs(data: st.DataObject) -> None:
 @given(data=st.data())
 def test_matches_references_losses(data: st.DataObject) -> None:
     net, n, m = data.draw(networks(max_out=5))
+    mode = data.draw(st.sampled_from(["auto", "always", "never"]))
     batch = data.draw(st.integers(1, 4))
     x = _inputs(data.draw, batch, n)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
@@ -222,7 +247,8 @@ def test_matches_references_losses(data: st.DataObject) -> None:
         loss = F.cross_entropy
     else:
         loss, targets = F.mse_loss, torch.randn(batch, m, generator=gen, dtype=DTYPE)
-    h = check(net, x, loss=loss, targets=targets)
+    with reduction(mode):
+        h = check(net, x, loss=loss, targets=targets)
     assert h.shape == (batch, n, n)
 
 
@@ -265,6 +291,35 @@ def test_multidim_features_flatten_unflatten() -> None:
     targets = torch.randn(3, 2, 2, dtype=DTYPE)
     h_mse = structured_input_hessian(net, x, loss=F.mse_loss, targets=targets)
     torch.testing.assert_close(h_mse, reference_vmap(net, x, loss=F.mse_loss, targets=targets))
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_affine_prefix_reduction(mode: str) -> None:
+    """Wide inputs into a narrow first layer: H = A^T H_a0 A through the affine prefix."""
+    torch.manual_seed(9)
+    net = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(24, 6),
+        nn.Unflatten(1, (2, 3)),
+        nn.Linear(3, 2),
+        nn.Flatten(),
+        nn.Softplus(),
+        nn.Linear(4, 3),
+        nn.Tanh(),
+        nn.Linear(3, 2),
+    ).to(DTYPE)
+    x = torch.randn(5, 4, 6, dtype=DTYPE)
+    ops = structured_module._parse(net)
+    assert not isinstance(ops, str)
+    shapes = structured_module._shapes(ops, (4, 6))
+    assert structured_module._plan(ops, shapes, 512.0, 2.0)[0] == 5  # chosen when it pays
+    with reduction(mode):
+        h = structured_input_hessian(net, x)
+        h_ce = structured_input_hessian(net, x, loss=F.cross_entropy, targets=torch.ones(5).long())
+    assert h.shape == (5, 2, 4, 6, 4, 6)
+    torch.testing.assert_close(h, reference_vmap(net, x).reshape(h.shape))
+    ref_ce = reference_vmap(net, x, loss=F.cross_entropy, targets=torch.ones(5).long())
+    torch.testing.assert_close(h_ce, ref_ce)
 
 
 def test_flatten_first_layer() -> None:

@@ -136,6 +136,15 @@ def test_pytree_jacobian_matches_torch_func_and_oracle(mode: str, argnums: Any) 
     assert_trees_close(J, torch.func.jacrev(tree_function, argnums=argnums)(x, y))
 
 
+@pytest.mark.parametrize("mode", HESSIAN_MODES)
+def test_scalar_input_and_scalar_output(mode: str) -> None:
+    x = torch.tensor(0.7, dtype=D)
+    assert_trees_close(torchcurv.hessian(torch.sin, mode=mode)(x), -torch.sin(x))
+    assert_trees_close(torchcurv.jacobian(torch.sin, mode=mode[:3] if mode != "auto" else mode)(x),
+                       torch.cos(x))
+    assert_trees_close(reference.hessian(torch.sin)(x), -torch.sin(x))
+
+
 def test_unused_argument_gives_zero_blocks_not_none() -> None:
     x, z = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
     for mode in HESSIAN_MODES:

@@ -174,7 +174,7 @@ def from_matrix(
         cols_out = []
         for col in col_leaves:
             piece = matrix[..., r0:r0 + row.numel(), c0:c0 + col.numel()]
-            cols_out.append(piece.reshape(*batch, *row.shape, *col.shape))
+            cols_out.append(piece.reshape((*batch, *row.shape, *col.shape)))
             c0 += col.numel()
         rows_out.append(tree_unflatten(cols_out, col_spec))
         r0 += row.numel()

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._batching import BATCH_RANDOMNESS, check_batch_chunk_size, run_chunked
 from ._errors import TorchcurvError, UnsupportedModuleError, argument_error, describe
-from ._planning import count_allocations, parse_budget, plan_chunks
+from ._planning import WORK_PER_FORWARD, count_allocations, parse_budget, plan_chunks
 from ._transforms import (
     HESSIAN_MODES,
     JACOBIAN_MODES,
@@ -372,33 +372,23 @@ _PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, i
 
 
 def _probe(obj: _Objective, mode: str, order: int) -> tuple[int, int]:
-    """``(work, m)``: bytes allocated by one product (HVP for order 2, VJP for order 1)
-    of one sample, and the number of entries of the differentiated output.
+    """``(work, m)``: working bytes of one basis vector of one sample, and the number of
+    entries of the differentiated output.
 
-    Cached per module and shapes; the random number generators are restored afterwards,
-    so a probe never changes the dropout masks of the real computation.
+    The work is `WORK_PER_FORWARD` ``[order]`` times the bytes the operators of one
+    single-sample forward allocate (see `torchcurv._planning`). Cached per module and
+    shapes; the random number generators are restored afterwards, so a probe never
+    changes the dropout masks of the real computation.
     """
     cache = _PROBES.setdefault(obj.module, {})
     key = obj.signature(mode, order)
-    if key in cache:
-        return cache[key]
-    diff, xs, target = obj.sample(0)
-    devices = sorted({x.device.index or 0 for x in obj.xs if x.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        m = obj.per_sample(diff, xs, target).numel()
-
-        def first_entry(d: Any) -> torch.Tensor:
-            return obj.per_sample(d, xs, target).reshape(-1)[0]
-
-        tangent = tree_map(torch.ones_like, diff)
-        if order == 2:
-            work, _ = count_allocations(
-                lambda: torch.func.jvp(torch.func.grad(first_entry), (diff,), (tangent,)))
-        else:
-            work, _ = count_allocations(
-                lambda: torch.func.vjp(first_entry, diff)[1](torch.ones(())))
-    cache[key] = (work, m)
-    return work, m
+    if key not in cache:
+        diff, xs, target = obj.sample(0)
+        devices = sorted({x.device.index or 0 for x in obj.xs if x.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            forward, out = count_allocations(obj.per_sample, diff, xs, target)
+        cache[key] = (WORK_PER_FORWARD[order] * max(forward, 1), out.numel())
+    return cache[key]
 
 
 def _check_module_chunk(function: str, chunk_size: Any, memory_budget: Any,

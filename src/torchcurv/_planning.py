@@ -10,10 +10,13 @@ the basis axes (rows of the inner Jacobian, columns of the outer one) and ``W`` 
 working memory of one basis vector of one sample: the bytes allocated by one
 Hessian-vector (or vector-Jacobian) product of one sample.
 
-``W`` is measured, not guessed: `count_allocations` runs that one product under a
-dispatch mode that adds up the bytes of every tensor an operator creates. Frees are
-not subtracted, so the count bounds the live memory from above and a plan built on it
-errs on the safe side. Measurements are cached by the caller per model and shape.
+``W`` is modelled from a measurement: `count_allocations` runs one single-sample
+forward under a dispatch mode that adds up the bytes of every tensor an operator
+creates (the activations, ``A``), and ``W = WORK_PER_FORWARD[order] * A``. A
+Hessian-vector product runs a forward with tangents and a backward with tangents:
+about four forwards' worth of tensors, live at once at worst; the factor 5 leaves
+room for temporaries. Measured on tanh MLPs (``benchmarks/``), real peaks stay under
+the prediction. Measurements are cached by the caller per model and shape.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ._errors import MemoryBudgetError, argument_error
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
+    "WORK_PER_FORWARD",
     "Plan",
     "available_memory",
     "count_allocations",
@@ -42,6 +46,10 @@ __all__ = [
 #: The default memory budget: this fraction of the memory available on the device
 #: (free device memory on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on CPU).
 DEFAULT_BUDGET_FRACTION = 0.5
+
+#: Working memory of one basis vector of one sample, in forwards' worth of activations,
+#: by derivative order (1: a vector-Jacobian product, 2: a Hessian-vector product).
+WORK_PER_FORWARD = {1: 3, 2: 5}
 
 _UNITS = {
     "": 1, "b": 1,

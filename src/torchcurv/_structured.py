@@ -585,12 +585,65 @@ def structured_input_hessian(
     fs = tuple(x.shape[1:])
     n = math.prod(fs)
     shapes = _shapes(ops, fs)
-    out_shape = shapes[-1]
-    m_all = math.prod(out_shape)
-    dtype, device = x.dtype, x.device
+    m_all = math.prod(shapes[-1])
+    idx: list[int] | None = None
+    per_output = False
+    if loss is None:
+        idx, per_output = _select_outputs(output, m_all)
+    msel = 1 if idx is None else len(idx)
     need_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(isinstance(o, _Linear) and o.weight.requires_grad for o in ops)
     )
+
+    prefix = _plan(ops, shapes, float(bsz), float(msel))[0]
+    if prefix == 0:
+        hess = _core(ops, shapes, x, idx, loss, targets, need_grad)
+    else:
+        # The layers before the first activation form an affine map a0 = A x + b with a
+        # narrower output (k < n): compute the Hessian w.r.t. a0, then H = A^T H_a0 A.
+        a0 = x
+        jac: Tensor | None = None  # [n, *shape]: the Jacobian of the prefix (batch-free)
+        for i in range(prefix):
+            op = ops[i]
+            if isinstance(op, _Linear):
+                a0 = F.linear(a0, op.weight, op.bias)
+                if jac is None and len(shapes[i]) == 1:
+                    jac = op.weight.t()
+                    continue
+                if jac is None:
+                    jac = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, *shapes[i])
+                jac = _fold_mm(jac, op.weight.t())
+            else:
+                a0 = _apply_reshape(a0, 1, shapes[i + 1])
+                if jac is not None:
+                    jac = _apply_reshape(jac, 1, shapes[i + 1])
+        assert jac is not None
+        k = math.prod(shapes[prefix])
+        jf = jac.reshape(n, k)
+        h_a0 = _core(ops[prefix:], shapes[prefix:], a0, idx, loss, targets, need_grad)
+        right = _fold_mm(h_a0, jf.t())  # [B, msel, k, n] = H_a0 A
+        hess = _fold_mm(right.transpose(-1, -2), jf.t())  # (H_a0 A)^T A = A^T H_a0 A
+
+    if per_output:
+        return hess.reshape(bsz, msel, *fs, *fs)
+    return hess.reshape(bsz, *fs, *fs)
+
+
+def _core(
+    ops: Sequence[_Op],
+    shapes: Sequence[tuple[int, ...]],
+    x: Tensor,
+    idx: list[int] | None,
+    loss: Callable[..., Tensor] | None,
+    targets: Tensor | None,
+    need_grad: bool,
+) -> Tensor:
+    """Hessian backpropagation; returns ``[B, msel, n, n]`` (``msel = 1`` with a loss)."""
+    bsz = x.shape[0]
+    n = math.prod(shapes[0])
+    out_shape = shapes[-1]
+    m_all = math.prod(out_shape)
+    dtype, device = x.dtype, x.device
 
     # ---- 1. forward pass: activation derivatives -----------------------------------------
     a = x
@@ -606,19 +659,17 @@ def structured_input_hessian(
                 d2s[i] = d2
         else:
             a = _apply_reshape(a, 1, shapes[i + 1])
-    out_flat = a.reshape(bsz, m_all)
 
     # ---- 2. backward pass: the cotangents and the curvature weights c_l -----------------
     out_term: Callable[[Tensor], Tensor] | None = None
-    if loss is not None:
+    if idx is None:
+        assert loss is not None
         assert targets is not None
-        grad, out_term = _loss_grad_and_curv(loss, out_flat, targets, out_shape)
+        grad, out_term = _loss_grad_and_curv(loss, a.reshape(bsz, m_all), targets, out_shape)
         g: Tensor = grad.unsqueeze(1)  # [B, 1, m]
         g_batched = True
-        per_output = False
         msel = 1
     else:
-        idx, per_output = _select_outputs(output, m_all)
         msel = len(idx)
         g = torch.eye(m_all, dtype=dtype, device=device)[idx]  # [msel, m] shared over batch
         g_batched = False
@@ -707,10 +758,7 @@ def structured_input_hessian(
         hess = accumulate(out_term(jo).unsqueeze(1))
     if hess is None:
         hess = torch.zeros(bsz, msel, n, n, dtype=dtype, device=device)
-
-    if per_output:
-        return hess.reshape(bsz, msel, *fs, *fs)
-    return hess.reshape(bsz, *fs, *fs)
+    return hess
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,90 +766,161 @@ def structured_input_hessian(
 # --------------------------------------------------------------------------------------------
 
 # Machine constants, in units of "one flop inside a large float32 GEMM" on the development CPU
-# (2 cores, ~150 GFLOP/s). Fitted with `python benchmarks/structured_calibration.py --fit`.
-_ELEM_COST = 30.0  # one element read+written by an elementwise kernel
-_BMM_COST = 2.0  # per flop of a batched matmul with small matrices (vs a large GEMM)
+# (2 cores, ~120-150 GFLOP/s). Fitted with `python benchmarks/structured_calibration.py --fit`.
+_ELEM_COST = 30.0  # one element read or written by an elementwise kernel
+_BMM_COST = 2.0  # per flop of a batched matmul of small matrices (vs a large GEMM)
 _OP_COST_STRUCTURED = 1.0e6  # fixed cost per kernel launched by the structured path
 _OP_COST_GENERIC = 2.5e6  # fixed cost per kernel under vmap(jacfwd(jacrev)) (batching rules)
+
+_Terms = dict[str, float]
+
+
+def _new_terms() -> _Terms:
+    return {"gemm": 0.0, "bmm": 0.0, "elem": 0.0, "ops": 0.0}
+
+
+def _mm(t: _Terms, rows: float, k: float, cols: float) -> None:
+    """Count an ``[rows, k] @ [k, cols]`` GEMM: flops, memory traffic, one kernel."""
+    t["gemm"] += 2.0 * rows * k * cols
+    t["elem"] += rows * k + k * cols + rows * cols
+    t["ops"] += 1.0
+
+
+def _linear_dims(op: _Linear, k_in: float) -> tuple[float, float, float]:
+    din, dout = float(op.weight.shape[1]), float(op.weight.shape[0])
+    return k_in / din, din, dout
+
+
+def _struct_terms(
+    ops: Sequence[_Op], shapes: Sequence[tuple[int, ...]], bsz: float, m: float
+) -> _Terms:
+    """Counts for :func:`_core` on ``ops`` (input ``shapes[0]``), mirroring its three sweeps."""
+    t = _new_terms()
+    n = float(math.prod(shapes[0]))
+    curved = [isinstance(op, _Act) and op.curved for op in ops]
+    first_curv = curved.index(True) if any(curved) else len(ops)
+    last_curv = len(curved) - 1 - curved[::-1].index(True) if any(curved) else -1
+    t["elem"] += bsz * m * n * n * max(1, sum(curved))  # result init / accumulation
+    t["ops"] += 6.0
+    jac = "none"  # none (identity) / shared / batched
+    for i, op in enumerate(ops):
+        k_in = float(math.prod(shapes[i]))
+        k = float(math.prod(shapes[i + 1]))
+        if isinstance(op, _Linear):
+            rows, din, dout = _linear_dims(op, k_in)
+            _mm(t, bsz * rows, din, dout)  # forward
+            if i > first_curv:  # backward; shared over the batch until the last activation
+                down_act = any(isinstance(o, _Act) for o in ops[i + 1 :])
+                _mm(t, (bsz if down_act else 1.0) * m * rows, dout, din)
+            if i < last_curv:  # Jacobian propagation
+                if jac == "batched":
+                    _mm(t, bsz * n * rows, din, dout)
+                elif jac == "shared" or len(shapes[i]) != 1:
+                    _mm(t, n * rows, din, dout)
+                else:
+                    t["elem"] += n * k
+                jac = "batched" if jac == "batched" else "shared"
+        elif isinstance(op, _Act):
+            t["elem"] += 6.0 * bsz * k  # value and derivatives
+            t["ops"] += 8.0
+            if i >= first_curv:  # c = sigma'' * g and g * sigma'
+                t["elem"] += 2.0 * bsz * m * k
+                t["ops"] += 2.0
+            if curved[i]:
+                t["ops"] += 3.0
+                if jac == "none":
+                    t["elem"] += bsz * m * n * n
+                else:
+                    t["elem"] += 2.0 * bsz * m * n * k
+                    t["bmm" if jac == "batched" else "gemm"] += 2.0 * bsz * m * n * n * k
+            if i < last_curv:  # J * sigma'
+                t["elem"] += bsz * n * k * (1.0 if jac == "none" else 2.0)
+                t["ops"] += 1.0
+                jac = "batched"
+        else:
+            t["ops"] += 1.0
+    return t
+
+
+def _generic_terms(
+    ops: Sequence[_Op], shapes: Sequence[tuple[int, ...]], bsz: float, m: float
+) -> _Terms:
+    """Counts for ``vmap(jacfwd(jacrev(f)))``: a forward pass, ``m`` backward passes and ``n``
+    forward-over-reverse Hessian-vector products."""
+    t = _new_terms()
+    n = float(math.prod(shapes[0]))
+    curved = [isinstance(op, _Act) and op.curved for op in ops]
+    t["elem"] += 2.0 * bsz * m * n * n  # assembling and permuting the result
+    t["ops"] += 12.0
+    for i, op in enumerate(ops):
+        k_in = float(math.prod(shapes[i]))
+        k = float(math.prod(shapes[i + 1]))
+        if isinstance(op, _Linear):
+            rows, din, dout = _linear_dims(op, k_in)
+            _mm(t, bsz * rows, din, dout)  # forward
+            _mm(t, bsz * m * rows, dout, din)  # backward (m cotangents)
+            _mm(t, bsz * n * rows, din, dout)  # tangent forward (n tangents)
+            if any(curved[i + 1 :]):  # tangent of the backward pass
+                _mm(t, bsz * n * m * rows, dout, din)
+        elif isinstance(op, _Act):
+            t["elem"] += 3.0 * bsz * k + 4.0 * bsz * m * k + 4.0 * bsz * n * k
+            t["ops"] += 10.0
+            if curved[i]:
+                t["elem"] += 10.0 * bsz * n * m * k
+                t["ops"] += 6.0
+        else:
+            t["ops"] += 2.0
+    return t
+
+
+def _weigh_structured(t: _Terms) -> float:
+    return (
+        t["gemm"] + _BMM_COST * t["bmm"] + _ELEM_COST * t["elem"] + _OP_COST_STRUCTURED * t["ops"]
+    )
+
+
+def _weigh_generic(t: _Terms) -> float:
+    return t["gemm"] + _BMM_COST * t["bmm"] + _ELEM_COST * t["elem"] + _OP_COST_GENERIC * t["ops"]
+
+
+def _plan(
+    ops: Sequence[_Op], shapes: Sequence[tuple[int, ...]], bsz: float, m: float
+) -> tuple[int, _Terms]:
+    """Choose whether to reduce through the affine prefix (the layers before the first
+    activation) when it narrows the input, ``k < n``; return the prefix length (0: do not
+    reduce) and the structured cost counts of the chosen plan."""
+    full = _struct_terms(ops, shapes, bsz, m)
+    p = next((i for i, o in enumerate(ops) if isinstance(o, _Act)), len(ops))
+    if not any(isinstance(o, _Linear) for o in ops[:p]):
+        return 0, full
+    n = float(math.prod(shapes[0]))
+    k = float(math.prod(shapes[p]))
+    if k >= n:
+        return 0, full
+    red = _struct_terms(ops[p:], shapes[p:], bsz, m)
+    jac_started = False
+    for i in range(p):
+        op = ops[i]
+        if isinstance(op, _Linear):
+            rows, din, dout = _linear_dims(op, float(math.prod(shapes[i])))
+            _mm(red, bsz * rows, din, dout)
+            if jac_started or len(shapes[i]) != 1:
+                _mm(red, n * rows, din, dout)
+            jac_started = True
+    # H = A^T H_a0 A: two GEMMs and a transposed copy
+    red["gemm"] += 2.0 * bsz * m * (k * k * n + k * n * n)
+    red["elem"] += bsz * m * (k * k + 3.0 * k * n + n * n)
+    red["ops"] += 4.0
+    return (p, red) if _weigh_structured(red) < _weigh_structured(full) else (0, full)
 
 
 def _cost_terms(
     ops: Sequence[_Op], shapes: Sequence[tuple[int, ...]], bsz: float, m: float
 ) -> dict[str, float]:
-    """Raw counts (GEMM flops, batched-matmul flops, elementwise elements, kernels) per path."""
-    n = float(math.prod(shapes[0]))
-    curved = [isinstance(op, _Act) and op.curved for op in ops]
-    first_curv = curved.index(True) if any(curved) else len(ops)
-    last_curv = len(curved) - 1 - curved[::-1].index(True) if any(curved) else -1
-    t = dict.fromkeys(("s_gemm", "s_bmm", "s_elem", "s_ops", "g_gemm", "g_elem", "g_ops"), 0.0)
-    t["s_elem"] = bsz * m * n * n  # zero-initialised result
-    t["s_ops"] = 6.0
-    t["g_elem"] = 2.0 * bsz * m * n * n  # result assembly (stack + movedim copy)
-    t["g_ops"] = 12.0
-
-    def mm(key: str, rows: float, k: float, cols: float) -> None:
-        t[key + "_gemm"] += 2.0 * rows * k * cols
-        t[key + "_elem"] += rows * k + k * cols + rows * cols
-        t[key + "_ops"] += 1.0
-
-    jac = "none"  # Jacobian state of the structured forward sweep: none / shared / batched
-    for i, op in enumerate(ops):
-        k_in = float(math.prod(shapes[i]))
-        k = float(math.prod(shapes[i + 1]))
-        down_act = any(isinstance(o, _Act) for o in ops[i + 1 :])
-        down_curved = any(curved[i + 1 :])
-        if isinstance(op, _Linear):
-            din, dout = float(op.weight.shape[1]), float(op.weight.shape[0])
-            rows = k_in / din
-            # structured: forward; backward (only behind the first curved activation);
-            # Jacobian propagation (only up to the last curved activation)
-            mm("s", bsz * rows, din, dout)
-            if i > first_curv:
-                mm("s", (bsz if down_act else 1.0) * m * rows, dout, din)
-            if i < last_curv:
-                if jac == "batched":
-                    mm("s", bsz * n * rows, din, dout)
-                elif jac == "shared":
-                    mm("s", n * rows, din, dout)
-                else:
-                    t["s_elem"] += n * k
-                    jac = "shared"
-            # generic: forward, m backwards, n tangent forwards, n*m tangent backwards
-            mm("g", bsz * rows, din, dout)
-            mm("g", bsz * m * rows, dout, din)
-            mm("g", bsz * n * rows, din, dout)
-            if down_curved:
-                mm("g", bsz * n * m * rows, dout, din)
-        elif isinstance(op, _Act):
-            # structured: value and derivatives, c = sigma'' * g, g * sigma', J * sigma'
-            t["s_elem"] += 6.0 * bsz * k
-            t["s_ops"] += 8.0
-            if i >= first_curv:
-                t["s_elem"] += 2.0 * bsz * m * k
-                t["s_ops"] += 2.0
-            if i < last_curv:
-                t["s_elem"] += 2.0 * bsz * n * k
-                t["s_ops"] += 1.0
-            if curved[i]:
-                # left = c * J, then H += left @ J^T (batched, or one GEMM while J is shared)
-                t["s_elem"] += 2.0 * bsz * m * n * k + bsz * m * n * n
-                t["s_ops"] += 3.0
-                if jac == "batched":
-                    t["s_bmm"] += 2.0 * bsz * m * n * n * k
-                    t["s_elem"] += bsz * n * k
-                else:
-                    t["s_gemm"] += 2.0 * bsz * m * n * n * k
-            jac = "batched"
-            # generic: forward, backward (m), tangent forward (n), tangent backward (n*m)
-            t["g_elem"] += 3.0 * bsz * k + 4.0 * bsz * m * k + 4.0 * bsz * n * k
-            t["g_ops"] += 10.0
-            if curved[i]:
-                t["g_elem"] += 10.0 * bsz * n * m * k
-                t["g_ops"] += 6.0
-        else:
-            t["s_ops"] += 1.0
-            t["g_ops"] += 2.0
-    return t
+    """Raw counts of both paths, keys ``s_*`` (structured, chosen plan) and ``g_*`` (generic)."""
+    s = _plan(ops, shapes, bsz, m)[1]
+    g = _generic_terms(ops, shapes, bsz, m)
+    return {**{f"s_{k}": v for k, v in s.items()}, **{f"g_{k}": v for k, v in g.items()}}
 
 
 def structured_cost(
@@ -818,9 +937,11 @@ def structured_cost(
     ``benchmarks/structured_calibration.py --fit`` (in units of one large-GEMM flop). The
     structured path costs a forward pass, a backward pass with ``m`` cotangents, a forward
     pass with ``n`` tangents and the curvature contractions (``2 B m n^2 width`` flops per
-    curved activation); the generic path (``vmap(jacfwd(jacrev(f)))``) costs a forward pass,
-    ``m`` backward passes and ``n`` forward-over-reverse Hessian-vector products (``~4x`` a
-    forward pass each).
+    curved activation; when the layers before the first activation narrow the input to
+    ``k < n`` features, ``n`` is replaced by ``k`` and a final ``A^T H A`` projection is
+    added if that is cheaper). The generic path (``vmap(jacfwd(jacrev(f)))``) costs a forward
+    pass, ``m`` backward passes and ``n`` forward-over-reverse Hessian-vector products
+    (``~4x`` a forward pass each).
 
     Args:
         module: A network accepted by :func:`structured_input_hessian`.
@@ -855,28 +976,24 @@ def structured_cost(
     shapes = _shapes(ops, fs, "structured_cost", "x_shape")
     m = float(max(1, n_outputs_selected))
     n = float(math.prod(fs))
-    t = _cost_terms(ops, shapes, bsz, m)
-    s_flops = (
-        t["s_gemm"]
-        + _BMM_COST * t["s_bmm"]
-        + _ELEM_COST * t["s_elem"]
-        + _OP_COST_STRUCTURED * t["s_ops"]
-    )
-    g_flops = t["g_gemm"] + _ELEM_COST * t["g_elem"] + _OP_COST_GENERIC * t["g_ops"]
+    prefix, s_terms = _plan(ops, shapes, bsz, m)
+    g_terms = _generic_terms(ops, shapes, bsz, m)
 
     # Peak memory: the result plus the largest simultaneously live intermediates.
-    widths = [float(math.prod(s)) for s in shapes]
-    kmax = max(widths)
+    nj = float(math.prod(shapes[prefix])) if prefix else n  # rows of the propagated Jacobian
+    kmax = max(float(math.prod(s)) for s in shapes)
     act_total = sum(
         float(math.prod(shapes[i + 1])) for i, o in enumerate(ops) if isinstance(o, _Act)
     )
     hess = bsz * m * n * n
-    s_bytes = hess + bsz * act_total * (2.0 + m) + bsz * kmax * (3.0 * n + 2.0 * m * n)
+    s_bytes = hess + bsz * act_total * (2.0 + m) + bsz * kmax * nj * (3.0 + 2.0 * m)
+    if prefix:
+        s_bytes += 2.0 * bsz * m * nj * (nj + n)
     # generic: saved activations and their tangents, the tangent cotangents, the result twice
     g_bytes = 2.0 * hess + bsz * act_total * (3.0 + 2.0 * n) + bsz * kmax * 3.0 * n * m
     return {
-        "structured_flops": s_flops,
-        "generic_flops": g_flops,
+        "structured_flops": _weigh_structured(s_terms),
+        "generic_flops": _weigh_generic(g_terms),
         "structured_bytes": s_bytes * dtype_bytes,
         "generic_bytes": g_bytes * dtype_bytes,
     }

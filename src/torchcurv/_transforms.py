@@ -422,7 +422,7 @@ def _rows_to_blocks(
     for out in flat_out:
         size = out.numel()
         blocks.append([
-            row[offset:offset + size].reshape(*out.shape, *leaf.shape)
+            row[offset:offset + size].reshape((*out.shape, *leaf.shape))
             for row, leaf in zip(rows, flat_in, strict=True)
         ])
         offset += size
@@ -439,7 +439,7 @@ def _columns_to_blocks(
         offset = 0
         for leaf in flat_in:
             size = leaf.numel()
-            block = col[offset:offset + size].reshape(*leaf.shape, *out.shape)
+            block = col[offset:offset + size].reshape((*leaf.shape, *out.shape))
             row_blocks.append(block.movedim(tuple(range(leaf.dim())),
                                             tuple(range(block.dim() - leaf.dim(), block.dim()))))
             offset += size

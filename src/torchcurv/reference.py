@@ -51,7 +51,7 @@ def _loop_rows(
         for j, (grad, leaf) in enumerate(zip(grads, leaves, strict=True)):
             rows[j].append(torch.zeros_like(leaf) if grad is None else grad)
     return [
-        torch.stack(r).reshape(*y.shape, *leaf.shape) if r else
+        torch.stack(r).reshape((*y.shape, *leaf.shape)) if r else
         leaf.new_zeros((*y.shape, *leaf.shape))
         for r, leaf in zip(rows, leaves, strict=True)
     ]
