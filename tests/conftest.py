@@ -39,14 +39,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_line(
-        f"hypothesis: {_EXAMPLES['run']} examples run (profile {PROFILE!r})")
+        f"hypothesis: {_EXAMPLES['run']} examples run (profile {PROFILE!r})"
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     required = int(os.environ.get("TORCHCURV_MIN_EXAMPLES", "0"))
     if required and _EXAMPLES["run"] < required and exitstatus == 0:
-        print(f"\nFAILED: only {_EXAMPLES['run']} hypothesis examples ran; "
-              f"TORCHCURV_MIN_EXAMPLES={required}.")
+        print(
+            f"\nFAILED: only {_EXAMPLES['run']} hypothesis examples ran; "
+            f"TORCHCURV_MIN_EXAMPLES={required}."
+        )
         session.exitstatus = 1
 
 

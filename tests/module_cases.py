@@ -48,9 +48,9 @@ class Untied(nn.Module):
         self.first = nn.Linear(3, 3)
         self.second = nn.Linear(3, 3)
         self.head = nn.Linear(3, 2)
-        self.load_state_dict({
-            **tied.state_dict(), "second.weight": tied.first.weight.detach().clone()
-        })
+        self.load_state_dict(
+            {**tied.state_dict(), "second.weight": tied.first.weight.detach().clone()}
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
@@ -83,19 +83,26 @@ class TupleOutput(nn.Module):
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(),
-                         nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(), nn.Linear(4, 3)
+    )
 
 
 def cnn(channels: int = 2) -> nn.Module:
     """The MNIST-shaped seed model: 1x28x28 input, 10 logits."""
-    return nn.Sequential(nn.Conv2d(1, channels, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(channels * 13 * 13, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * 13 * 13, 10),
+    )
 
 
 def small_cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(2 * 2 * 2, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)
+    )
 
 
 def batchnorm_mlp() -> nn.Module:
@@ -145,16 +152,24 @@ CASES = [
 ]
 
 
-def single_objective(model: nn.Module, case: Case, *, wrt: str, output: Any = None,
-                     loss: Any = None, params: Any = None) -> Callable[..., torch.Tensor]:
+def single_objective(
+    model: nn.Module,
+    case: Case,
+    *,
+    wrt: str,
+    output: Any = None,
+    loss: Any = None,
+    params: Any = None,
+) -> Callable[..., torch.Tensor]:
     """The objective of one sample, written independently of torchcurv's `_Objective`.
 
     Returns ``g(diff, xs, target)`` where `diff` is what is differentiated.
     """
     names = None if params is None else params
     all_named = dict(model.named_parameters())
-    chosen = [n for n, p in all_named.items()
-              if (p.requires_grad if names is None else n in names)]
+    chosen = [
+        n for n, p in all_named.items() if (p.requires_grad if names is None else n in names)
+    ]
     base = {n: p.detach() for n, p in all_named.items()}
     base.update({n: b.detach() for n, b in model.named_buffers()})
 
@@ -166,8 +181,9 @@ def single_objective(model: nn.Module, case: Case, *, wrt: str, output: Any = No
         else:
             values, inputs = {**base, **diff["params"]}, diff["inputs"]
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-        out = torch.func.functional_call(model, values, tuple(x[None] for x in inputs),
-                                         case.kwargs)
+        out = torch.func.functional_call(
+            model, values, tuple(x[None] for x in inputs), case.kwargs
+        )
         if loss is not None:
             return loss(out, target[None])
         out = out[0]
@@ -177,4 +193,4 @@ def single_objective(model: nn.Module, case: Case, *, wrt: str, output: Any = No
     return g
 
 
-__all__ = ["CASES", "D", "F", "Case", "Tied", "Untied", "cnn", "single_objective"]
+__all__ = ["CASES", "Case", "D", "F", "Tied", "Untied", "cnn", "single_objective"]

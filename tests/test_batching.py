@@ -33,8 +33,9 @@ def test_in_dims_out_dims_and_shared_arguments() -> None:
     def weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return (w * x**3).sum()
 
-    H = torchcurv.per_sample(torchcurv.hessian(weighted), in_dims=(1, None), out_dims=2,
-                             chunk_size=2)(X.T, w)
+    H = torchcurv.per_sample(
+        torchcurv.hessian(weighted), in_dims=(1, None), out_dims=2, chunk_size=2
+    )(X.T, w)
     assert H.shape == (4, 4, 3)
     assert_trees_close(H.movedim(2, 0), torch.diag_embed(6 * w * X))
 
@@ -51,8 +52,9 @@ def test_matches_a_loop_over_samples() -> None:
     def single(x: torch.Tensor) -> Any:
         return torchcurv.hessian(lambda x: model(x).sum())(x)
 
-    assert_per_sample_matches_loop(torchcurv.per_sample(single, chunk_size=3), single,
-                                   torch.randn(7, 3, dtype=D))
+    assert_per_sample_matches_loop(
+        torchcurv.per_sample(single, chunk_size=3), single, torch.randn(7, 3, dtype=D)
+    )
 
 
 def test_inside_an_enclosing_transform() -> None:
@@ -73,21 +75,18 @@ def dropout_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("chunk", [None, (None, 1, 1), (None, None, 3)], ids=str)
-@pytest.mark.parametrize("mode", ["fwd-over-rev", "rev-over-rev", "rev-over-fwd",
-                                  "fwd-over-fwd"])
+@pytest.mark.parametrize("mode", ["fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd"])
 def test_randomness_different_equals_a_seeded_loop(mode: str, chunk: Any) -> None:
     model, X = dropout_model(), torch.randn(5, 3, dtype=D)
     torch.manual_seed(7)
-    H = torchcurv.per_sample_hessian(model, X, randomness="different", mode=mode,
-                                     chunk_size=chunk)
+    H = torchcurv.per_sample_hessian(model, X, randomness="different", mode=mode, chunk_size=chunk)
     # The seeded loop draws the same masks: one draw of shape (B, 1, 8), a batch of one
     # per sample, then each sample's Hessian with its mask held fixed.
     torch.manual_seed(7)
     masks = F.dropout(torch.ones(5, 1, 8, dtype=D), 0.5, training=True)
     first, last = model[0], model[3]
     for i in range(5):
-        expected = reference.hessian(lambda x, i=i: last(torch.tanh(first(x)) * masks[i, 0]))(
-            X[i])
+        expected = reference.hessian(lambda x, i=i: last(torch.tanh(first(x)) * masks[i, 0]))(X[i])
         assert_trees_close(H[i], expected)
     assert model.training  # untouched
 
@@ -104,8 +103,11 @@ def test_randomness_same_gives_every_sample_one_mask() -> None:
 
 
 def test_randomness_error_on_functional_dropout() -> None:
-    with pytest.raises(torchcurv.TorchcurvError, match=r"per_sample: the function called a "
-                       r"random operation.*randomness='different'"):
+    with pytest.raises(
+        torchcurv.TorchcurvError,
+        match=r"per_sample: the function called a "
+        r"random operation.*randomness='different'",
+    ):
         torchcurv.per_sample(lambda x: F.dropout(x, 0.5, training=True))(torch.ones(3, 2))
 
 
@@ -120,8 +122,10 @@ def data_dependent(x: torch.Tensor) -> torch.Tensor:
 
 def test_operator_without_batching_rule_falls_back_to_a_loop() -> None:
     X = torch.tensor([[1.0, 2.0], [-3.0, 1.0], [0.5, 0.5]], dtype=D)
-    with pytest.warns(torchcurv.TorchcurvFallbackWarning,
-                      match=r"vmap cannot batch an operator.*item.*loop over samples"):
+    with pytest.warns(
+        torchcurv.TorchcurvFallbackWarning,
+        match=r"vmap cannot batch an operator.*item.*loop over samples",
+    ):
         out = torchcurv.per_sample(data_dependent, chunk_size=2)(X)
     assert_trees_close(out, torch.stack([data_dependent(x) for x in X]))
 
@@ -142,8 +146,9 @@ def test_out_of_memory_retries_with_smaller_chunks() -> None:
     def flaky(x: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
-                               "allocate 1 bytes")
+            raise RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+            )
         return x * 2
 
     X = torch.randn(6, 2, dtype=D)
@@ -156,8 +161,11 @@ def test_errors_inside_the_function_say_where() -> None:
     def broken(x: torch.Tensor) -> torch.Tensor:
         return x @ torch.ones(5, dtype=D)
 
-    with pytest.raises(RuntimeError, match=r"per_sample: failed on samples 0:2 of 4 "
-                       r"\(chunk_size=2\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"per_sample: failed on samples 0:2 of 4 "
+        r"\(chunk_size=2\)",
+    ):
         torchcurv.per_sample(broken, chunk_size=2)(torch.ones(4, 3, dtype=D))
 
 
@@ -167,24 +175,41 @@ def test_errors_inside_the_function_say_where() -> None:
 
 BAD = [
     (lambda: torchcurv.per_sample(3), r"per_sample: func must be callable"),
-    (lambda: torchcurv.per_sample(cubic, chunk_size=0),
-     r"per_sample: chunk_size must be None, a positive int or 'auto', got 0"),
-    (lambda: torchcurv.per_sample(cubic, chunk_size="big"),
-     r"chunk_size must be None, a positive int or 'auto', got 'big'"),
-    (lambda: torchcurv.per_sample(cubic, chunk_size=2, memory_budget=10**9),
-     r"chunk_size must be 'auto' or None when memory_budget is given"),
-    (lambda: torchcurv.per_sample(cubic, memory_budget=-1),
-     r"memory_budget must be None, a positive number of bytes"),
-    (lambda: torchcurv.per_sample(cubic, randomness="sometimes"),
-     r"per_sample: randomness must be one of 'error', 'different', 'same'"),
-    (lambda: torchcurv.per_sample(lambda x, y: x, in_dims=(0, 0))(torch.ones(2, 1),
-                                                                  torch.ones(3, 1)),
-     r"in_dims must map at least one tensor, and all mapped tensors must have the same "
-     r"batch size, got \[2, 3\]"),
-    (lambda: torchcurv.per_sample(lambda x: x, in_dims=(0, 1))(torch.ones(2)),
-     r"in_dims must have one entry per argument \(1\)"),
-    (lambda: torchcurv.per_sample(lambda x: x, in_dims=3)(torch.ones(2)),
-     r"in_dims maps dim 3 of an argument that has no such dim"),
+    (
+        lambda: torchcurv.per_sample(cubic, chunk_size=0),
+        r"per_sample: chunk_size must be None, a positive int or 'auto', got 0",
+    ),
+    (
+        lambda: torchcurv.per_sample(cubic, chunk_size="big"),
+        r"chunk_size must be None, a positive int or 'auto', got 'big'",
+    ),
+    (
+        lambda: torchcurv.per_sample(cubic, chunk_size=2, memory_budget=10**9),
+        r"chunk_size must be 'auto' or None when memory_budget is given",
+    ),
+    (
+        lambda: torchcurv.per_sample(cubic, memory_budget=-1),
+        r"memory_budget must be None, a positive number of bytes",
+    ),
+    (
+        lambda: torchcurv.per_sample(cubic, randomness="sometimes"),
+        r"per_sample: randomness must be one of 'error', 'different', 'same'",
+    ),
+    (
+        lambda: torchcurv.per_sample(lambda x, y: x, in_dims=(0, 0))(
+            torch.ones(2, 1), torch.ones(3, 1)
+        ),
+        r"in_dims must map at least one tensor, and all mapped tensors must have the same "
+        r"batch size, got \[2, 3\]",
+    ),
+    (
+        lambda: torchcurv.per_sample(lambda x: x, in_dims=(0, 1))(torch.ones(2)),
+        r"in_dims must have one entry per argument \(1\)",
+    ),
+    (
+        lambda: torchcurv.per_sample(lambda x: x, in_dims=3)(torch.ones(2)),
+        r"in_dims maps dim 3 of an argument that has no such dim",
+    ),
 ]
 
 

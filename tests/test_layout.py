@@ -19,7 +19,10 @@ def test_seed_case_shape() -> None:
     H = torch.randn(1, 1, 28, 28, 1, 1, 28, 28)
     assert torchcurv.to_matrix(H).shape == (784, 784)
     assert torchcurv.to_matrix(H.unsqueeze(0).expand(3, *H.shape), batch_dims=1).shape == (
-        3, 784, 784)
+        3,
+        784,
+        784,
+    )
 
 
 def test_block_ordering_follows_the_pytree_and_row_major_order() -> None:
@@ -47,17 +50,19 @@ shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
 
 
 @given(st.lists(shapes, min_size=1, max_size=3), st.integers(0, 2), st.data())
-def test_round_trip_over_random_pytrees(leaf_shapes: list[tuple[int, ...]], batch: int,
-                                        data: st.DataObject) -> None:
+def test_round_trip_over_random_pytrees(
+    leaf_shapes: list[tuple[int, ...]], batch: int, data: st.DataObject
+) -> None:
     keys = [f"p{i}" for i in range(len(leaf_shapes))]
-    like = {k: torch.zeros(s, dtype=D) for k, s in zip(keys, leaf_shapes)}
+    like = {k: torch.zeros(s, dtype=D) for k, s in zip(keys, leaf_shapes, strict=False)}
     n = sum(math.prod(s) for s in leaf_shapes)
     batch_shape = (batch,) if batch else ()
     M = torch.randn(*batch_shape, n, n, dtype=D)
     tree = torchcurv.from_matrix(M, like, batch_dims=len(batch_shape))
-    assert list(tree) == keys and all(list(row) == keys for row in tree.values())
-    for a, sa in zip(keys, leaf_shapes):
-        for b, sb in zip(keys, leaf_shapes):
+    assert list(tree) == keys
+    assert all(list(row) == keys for row in tree.values())
+    for a, sa in zip(keys, leaf_shapes, strict=False):
+        for b, sb in zip(keys, leaf_shapes, strict=False):
             assert tree[a][b].shape == (*batch_shape, *sa, *sb)
     assert torch.equal(torchcurv.to_matrix(tree, like, batch_dims=len(batch_shape)), M)
     rows = data.draw(st.lists(shapes, min_size=1, max_size=2))
@@ -70,18 +75,30 @@ def test_round_trip_over_random_pytrees(leaf_shapes: list[tuple[int, ...]], batc
 
 BAD = [
     (lambda: torchcurv.to_matrix(None), r"to_matrix: tree must be a tensor or a pytree"),
-    (lambda: torchcurv.to_matrix(torch.zeros(2, 3)),
-     r"to_matrix: like is needed: a diagonal block is not of shape x\.shape \+ x\.shape"),
-    (lambda: torchcurv.to_matrix([torch.zeros(2, 2)] * 3),
-     r"like is needed: the tree is not a square grid"),
-    (lambda: torchcurv.to_matrix(torch.zeros(2, 3), like=torch.zeros(4)),
-     r"to_matrix: tree has a block that does not end in the input shape \(4,\)"),
-    (lambda: torchcurv.to_matrix(torch.zeros(2, 2), batch_dims=-1),
-     r"batch_dims must be a non-negative int"),
-    (lambda: torchcurv.from_matrix(torch.zeros(3, 3), torch.zeros(2)),
-     r"from_matrix: matrix must be 2 x 2 to match the blocks"),
-    (lambda: torchcurv.from_matrix(torch.zeros(3), torch.zeros(3)),
-     r"from_matrix: matrix must be a tensor with 0 batch dim\(s\) and 2 matrix dims"),
+    (
+        lambda: torchcurv.to_matrix(torch.zeros(2, 3)),
+        r"to_matrix: like is needed: a diagonal block is not of shape x\.shape \+ x\.shape",
+    ),
+    (
+        lambda: torchcurv.to_matrix([torch.zeros(2, 2)] * 3),
+        r"like is needed: the tree is not a square grid",
+    ),
+    (
+        lambda: torchcurv.to_matrix(torch.zeros(2, 3), like=torch.zeros(4)),
+        r"to_matrix: tree has a block that does not end in the input shape \(4,\)",
+    ),
+    (
+        lambda: torchcurv.to_matrix(torch.zeros(2, 2), batch_dims=-1),
+        r"batch_dims must be a non-negative int",
+    ),
+    (
+        lambda: torchcurv.from_matrix(torch.zeros(3, 3), torch.zeros(2)),
+        r"from_matrix: matrix must be 2 x 2 to match the blocks",
+    ),
+    (
+        lambda: torchcurv.from_matrix(torch.zeros(3), torch.zeros(3)),
+        r"from_matrix: matrix must be a tensor with 0 batch dim\(s\) and 2 matrix dims",
+    ),
 ]
 
 

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from module_cases import CASES, D, Case, Tied, TupleOutput, Untied, cnn, single_objective
 from torch import nn
 from torch.utils._pytree import tree_map
 
 import torchcurv
+from module_cases import CASES, Case, D, Tied, TupleOutput, Untied, cnn, single_objective
 from torchcurv import reference
 from torchcurv.testing import assert_per_sample_matches_loop, assert_symmetric, assert_trees_close
 
@@ -22,9 +22,18 @@ def sample(tree: Any, i: int) -> Any:
     return tree_map(lambda t: t[i], tree)
 
 
-def loop_oracle(model: nn.Module, case: Case, xs: tuple[torch.Tensor, ...], targets: Any, *,
-                wrt: str, output: Any = None, loss: Any = None, params: Any = None,
-                order: int = 2) -> Any:
+def loop_oracle(
+    model: nn.Module,
+    case: Case,
+    xs: tuple[torch.Tensor, ...],
+    targets: Any,
+    *,
+    wrt: str,
+    output: Any = None,
+    loss: Any = None,
+    params: Any = None,
+    order: int = 2,
+) -> Any:
     """Per-sample derivatives by a Python loop over samples and the loop oracle."""
     g = single_objective(model, case, wrt=wrt, output=output, loss=loss, params=params)
     named = dict(model.named_parameters())
@@ -34,13 +43,18 @@ def loop_oracle(model: nn.Module, case: Case, xs: tuple[torch.Tensor, ...], targ
     for i in range(case.batch):
         xi = tuple(x[i] for x in xs)
         x_diff = xi[0] if len(xi) == 1 else xi
-        diff = {"inputs": x_diff, "params": p} if wrt == "both" else (
-            x_diff if wrt == "inputs" else p)
+        diff = (
+            {"inputs": x_diff, "params": p}
+            if wrt == "both"
+            else (x_diff if wrt == "inputs" else p)
+        )
         target = None if targets is None else targets[i]
         results.append(derivative(lambda d, xi=xi, t=target: g(d, xi, t))(diff))
     flat = [torch.utils._pytree.tree_flatten(r)[0] for r in results]
     spec = torch.utils._pytree.tree_flatten(results[0])[1]
-    return torch.utils._pytree.tree_unflatten([torch.stack(z) for z in zip(*flat)], spec)
+    return torch.utils._pytree.tree_unflatten(
+        [torch.stack(z) for z in zip(*flat, strict=False)], spec
+    )
 
 
 def call(fn: Any, case: Case, xs: tuple[torch.Tensor, ...], **kw: Any) -> Any:
@@ -62,8 +76,15 @@ def test_output_hessian_matches_loop_oracle(case: Case, wrt: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_loss_hessian_matches_loop_oracle_and_is_symmetric(case: Case, wrt: str) -> None:
     xs, y = case.inputs(), case.targets()
-    H = call(torchcurv.per_sample_hessian, case, xs, wrt=wrt, loss=F.cross_entropy, targets=y,
-             chunk_size=(2, None, 3))
+    H = call(
+        torchcurv.per_sample_hessian,
+        case,
+        xs,
+        wrt=wrt,
+        loss=F.cross_entropy,
+        targets=y,
+        chunk_size=(2, None, 3),
+    )
     expected = loop_oracle(case.model(), case, xs, y, wrt=wrt, loss=F.cross_entropy)
     assert_trees_close(H, expected)
     if wrt != "both":  # "both" is checked as a whole below, with to_matrix
@@ -78,10 +99,19 @@ def test_per_sample_jacobian_matches_loop_oracle(case: Case) -> None:
     for wrt in ["inputs", "params", "both"]:
         J = call(torchcurv.per_sample_jacobian, case, xs, wrt=wrt)
         assert_trees_close(J, loop_oracle(case.model(), case, xs, None, wrt=wrt, order=1))
-    grads = call(torchcurv.per_sample_jacobian, case, xs, wrt="params", loss=F.cross_entropy,
-                 targets=y, mode="fwd", chunk_size=(1, 2))
-    assert_trees_close(grads, loop_oracle(case.model(), case, xs, y, wrt="params",
-                                          loss=F.cross_entropy, order=1))
+    grads = call(
+        torchcurv.per_sample_jacobian,
+        case,
+        xs,
+        wrt="params",
+        loss=F.cross_entropy,
+        targets=y,
+        mode="fwd",
+        chunk_size=(1, 2),
+    )
+    assert_trees_close(
+        grads, loop_oracle(case.model(), case, xs, y, wrt="params", loss=F.cross_entropy, order=1)
+    )
 
 
 def test_input_hessian_matches_autograd_functional() -> None:
@@ -100,9 +130,12 @@ def test_parameter_hessian_matches_autograd_functional() -> None:
     H = torchcurv.per_sample_hessian(model, X, wrt="params", loss=F.cross_entropy, targets=y)
     values = tuple(p.detach() for p in model.parameters())
     for i in range(case.batch):
+
         def loss(*ps: torch.Tensor, i: int = i) -> torch.Tensor:
-            out = torch.func.functional_call(model, dict(zip(names, ps)), (X[i:i + 1],))
-            return F.cross_entropy(out, y[i:i + 1])
+            out = torch.func.functional_call(
+                model, dict(zip(names, ps, strict=False)), (X[i : i + 1],)
+            )
+            return F.cross_entropy(out, y[i : i + 1])
 
         expected = torch.autograd.functional.hessian(loss, values)
         for a, na in enumerate(names):
@@ -110,19 +143,23 @@ def test_parameter_hessian_matches_autograd_functional() -> None:
                 assert_trees_close(H[na][nb][i], expected[a][b])
 
 
-@pytest.mark.parametrize("selection", [["2.*"], "*.bias", ["0.weight", "4.bias"],
-                                       lambda n, p: p.dim() == 1], ids=["glob-list", "glob",
-                                                                       "names", "predicate"])
+@pytest.mark.parametrize(
+    "selection",
+    [["2.*"], "*.bias", ["0.weight", "4.bias"], lambda n, p: p.dim() == 1],
+    ids=["glob-list", "glob", "names", "predicate"],
+)
 def test_parameter_subsets(selection: Any) -> None:
     case = CASES[0]
     xs, y = case.inputs(), case.targets()
     model = case.model()
-    H = torchcurv.per_sample_hessian(model, xs[0], wrt="params", params=selection,
-                                     loss=F.cross_entropy, targets=y)
+    H = torchcurv.per_sample_hessian(
+        model, xs[0], wrt="params", params=selection, loss=F.cross_entropy, targets=y
+    )
     _, chosen = torchcurv.functional(model, selection)
     assert list(H) == list(chosen)
-    expected = loop_oracle(model, case, xs, y, wrt="params", loss=F.cross_entropy,
-                           params=list(chosen))
+    expected = loop_oracle(
+        model, case, xs, y, wrt="params", loss=F.cross_entropy, params=list(chosen)
+    )
     assert_trees_close(H, expected)
 
 
@@ -146,8 +183,7 @@ def test_tied_weights_equal_untied_blocks_summed() -> None:
     assert_trees_close(Ht[f][f], Hu[f][f] + Hu[f][s] + Hu[s][f] + Hu[s][s])
     assert_trees_close(Ht[f]["head.bias"], Hu[f]["head.bias"] + Hu[s]["head.bias"])
     gt = torchcurv.per_sample_jacobian(tied, X, wrt="params", loss=F.cross_entropy, targets=y)
-    gu = torchcurv.per_sample_jacobian(untied, X, wrt="params", loss=F.cross_entropy,
-                                       targets=y)
+    gu = torchcurv.per_sample_jacobian(untied, X, wrt="params", loss=F.cross_entropy, targets=y)
     assert_trees_close(gt[f], gu[f] + gu[s])
 
 
@@ -167,8 +203,12 @@ def test_seed_case_mnist_cnn_class_2_logit_is_784_by_784() -> None:
     assert_symmetric(M)
 
 
-OUTPUTS = [(2, lambda out: out[2]), ((1,), lambda out: out[1]),
-           (slice(0, 2), lambda out: out[0:2]), (lambda out: out.sum(), lambda out: out.sum())]
+OUTPUTS = [
+    (2, lambda out: out[2]),
+    ((1,), lambda out: out[1]),
+    (slice(0, 2), lambda out: out[0:2]),
+    (lambda out: out.sum(), lambda out: out.sum()),
+]
 
 
 @pytest.mark.parametrize(("output", "select"), OUTPUTS, ids=["int", "tuple", "slice", "callable"])
@@ -192,8 +232,9 @@ def test_batch_hessian_is_the_mean_of_per_sample_loss_hessians() -> None:
     case = CASES[0]
     model, X, y = case.model(), case.inputs()[0], case.targets()
     H = torchcurv.batch_hessian(model, X, y, loss=F.cross_entropy)
-    per_sample = torchcurv.per_sample_hessian(model, X, wrt="params", loss=F.cross_entropy,
-                                              targets=y)
+    per_sample = torchcurv.per_sample_hessian(
+        model, X, wrt="params", loss=F.cross_entropy, targets=y
+    )
     M = torchcurv.to_matrix(H)
     assert M.shape == (sum(p.numel() for p in model.parameters()),) * 2
     assert_trees_close(M, torchcurv.to_matrix(per_sample, batch_dims=1).mean(0))
@@ -201,8 +242,9 @@ def test_batch_hessian_is_the_mean_of_per_sample_loss_hessians() -> None:
     expected = reference.hessian(lambda p: F.cross_entropy(fn(p, X), y))(params)
     assert_trees_close(H, expected)
     for mode in ["rev-over-rev", "fwd-over-fwd"]:
-        assert_trees_close(torchcurv.batch_hessian(model, X, y, loss=F.cross_entropy, mode=mode,
-                                                   chunk_size=7), H)
+        assert_trees_close(
+            torchcurv.batch_hessian(model, X, y, loss=F.cross_entropy, mode=mode, chunk_size=7), H
+        )
 
 
 def test_batch_hessian_with_respect_to_inputs_and_both() -> None:
@@ -220,8 +262,9 @@ def test_per_sample_equals_loop_over_samples_through_the_harness() -> None:
     model = case.model()
 
     def batched(X: torch.Tensor, y: torch.Tensor) -> Any:
-        return torchcurv.per_sample_hessian(model, X, loss=F.cross_entropy, targets=y,
-                                            chunk_size=2)
+        return torchcurv.per_sample_hessian(
+            model, X, loss=F.cross_entropy, targets=y, chunk_size=2
+        )
 
     def single(x: torch.Tensor, t: torch.Tensor) -> Any:
         return torchcurv.hessian(lambda x: F.cross_entropy(model(x[None]), t[None]))(x)
@@ -260,8 +303,9 @@ def test_calls_never_modify_the_module(case: Case) -> None:
     before = snapshot(model)
     xs, y = case.inputs(), case.targets()
     inputs = xs[0] if len(xs) == 1 else xs
-    torchcurv.per_sample_hessian(model, inputs, wrt="both", loss=F.cross_entropy, targets=y,
-                                 kwargs=case.kwargs)
+    torchcurv.per_sample_hessian(
+        model, inputs, wrt="both", loss=F.cross_entropy, targets=y, kwargs=case.kwargs
+    )
     torchcurv.per_sample_jacobian(model, inputs, wrt="params", kwargs=case.kwargs)
     torchcurv.batch_hessian(model, inputs, y, loss=F.cross_entropy, kwargs=case.kwargs)
     with pytest.raises(torchcurv.TorchcurvError):
@@ -289,74 +333,140 @@ def bad_calls() -> list[tuple[str, Any, str]]:
     bn = CASES[2].model().train()
     dropout = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.2)).to(D)
     return [
-        ("batchnorm-train", lambda: torchcurv.per_sample_hessian(bn, X, output=0),
-         r"per_sample_hessian: BatchNorm1d at '1' is in training mode.*model\.eval\(\)"),
-        ("batchnorm-train-batch", lambda: torchcurv.batch_hessian(bn, X, y,
-                                                                  loss=F.cross_entropy),
-         r"batch_hessian: BatchNorm1d at '1' is in training mode"),
-        ("dropout-train", lambda: torchcurv.per_sample_jacobian(dropout, X),
-         r"per_sample_jacobian: Dropout at '1' is in training mode and randomness='error'.*"
-         r"randomness='different'"),
-        ("params-as-tensor-list", lambda: torchcurv.functional(model,
-                                                              list(model.parameters())),
-         r"functional: params must list parameter names or glob patterns \(str\), got "
-         r"list\[Tensor.*named_parameters\(\)"),
-        ("unknown-name", lambda: torchcurv.functional(model, ["fc9.weight"]),
-         r"params has 'fc9\.weight', which matches no parameter.*Available parameters: "
-         r"0\.weight, 0\.bias"),
-        ("predicate-matches-nothing", lambda: torchcurv.functional(model, lambda n, p: False),
-         r"params is a predicate that matched no parameter"),
-        ("params-int", lambda: torchcurv.functional(model, 3),  # type: ignore[arg-type]
-         r"functional: params must be None, names, glob patterns"),
-        ("not-a-module", lambda: torchcurv.functional(lambda x: x),  # type: ignore[arg-type]
-         r"functional: module must be a torch\.nn\.Module"),
-        ("loss-without-targets", lambda: torchcurv.per_sample_hessian(
-            model, X, loss=F.cross_entropy), r"targets must be given with loss="),
-        ("targets-without-loss", lambda: torchcurv.per_sample_hessian(model, X, targets=y),
-         r"loss must be given with targets="),
-        ("output-and-loss", lambda: torchcurv.per_sample_hessian(
-            model, X, output=0, loss=F.cross_entropy, targets=y),
-         r"output cannot be combined with loss="),
-        ("output-not-tensor", lambda: torchcurv.per_sample_hessian(
-            model, X, output=lambda out: out.tolist()), r"output did not produce a tensor"),
-        ("output-out-of-range", lambda: torchcurv.per_sample_hessian(model, X, output=7),
-         r"output=7 cannot index the per-sample output.*batch dim removed"),
-        ("loss-not-scalar", lambda: torchcurv.per_sample_hessian(
-            model, X, loss=lambda o, t: o, targets=y), r"loss must return a scalar"),
-        ("wrt-unknown", lambda: torchcurv.per_sample_hessian(model, X, wrt="weights"),
-         r"wrt must be 'inputs', 'params' or 'both', got 'weights'"),
-        ("integer-inputs", lambda: torchcurv.per_sample_hessian(model, torch.ones(3, 3,
-                                                                                 dtype=int)),
-         r"inputs must be floating-point to be differentiated.*wrt='params'"),
-        ("batch-mismatch", lambda: torchcurv.per_sample_hessian(
-            model, X, loss=F.cross_entropy, targets=y[:2]),
-         r"inputs and targets must have the same batch size, got \[2, 3\]"),
-        ("params-with-wrt-inputs", lambda: torchcurv.per_sample_hessian(
-            model, X, params=["0.*"]), r"params only applies with wrt='params'"),
-        ("chunk-tuple-length", lambda: torchcurv.per_sample_hessian(model, X,
-                                                                    chunk_size=(1, 2)),
-         r"chunk_size must be a tuple \(batch, inner, outer\)"),
-        ("chunk-and-budget", lambda: torchcurv.per_sample_hessian(
-            model, X, chunk_size=4, memory_budget="1GiB"),
-         r"chunk_size must be 'auto' or None when memory_budget is given"),
-        ("budget-garbage", lambda: torchcurv.per_sample_hessian(model, X,
-                                                                memory_budget="lots"),
-         r"memory_budget must be None, a positive number of bytes or a size such as '2GiB'"),
-        ("mode-unknown", lambda: torchcurv.per_sample_hessian(model, X, mode="exact"),
-         r"per_sample_hessian: mode must be one of"),
-        ("randomness-unknown", lambda: torchcurv.per_sample_hessian(model, X,
-                                                                    randomness="maybe"),
-         r"randomness must be one of 'error', 'different', 'same'"),
-        ("scalar-inputs", lambda: torchcurv.per_sample_hessian(model, torch.tensor(1.0)),
-         r"inputs must have a leading batch dim"),
+        (
+            "batchnorm-train",
+            lambda: torchcurv.per_sample_hessian(bn, X, output=0),
+            r"per_sample_hessian: BatchNorm1d at '1' is in training mode.*model\.eval\(\)",
+        ),
+        (
+            "batchnorm-train-batch",
+            lambda: torchcurv.batch_hessian(bn, X, y, loss=F.cross_entropy),
+            r"batch_hessian: BatchNorm1d at '1' is in training mode",
+        ),
+        (
+            "dropout-train",
+            lambda: torchcurv.per_sample_jacobian(dropout, X),
+            r"per_sample_jacobian: Dropout at '1' is in training mode and randomness='error'.*"
+            r"randomness='different'",
+        ),
+        (
+            "params-as-tensor-list",
+            lambda: torchcurv.functional(model, list(model.parameters())),
+            r"functional: params must list parameter names or glob patterns \(str\), got "
+            r"list\[Tensor.*named_parameters\(\)",
+        ),
+        (
+            "unknown-name",
+            lambda: torchcurv.functional(model, ["fc9.weight"]),
+            r"params has 'fc9\.weight', which matches no parameter.*Available parameters: "
+            r"0\.weight, 0\.bias",
+        ),
+        (
+            "predicate-matches-nothing",
+            lambda: torchcurv.functional(model, lambda n, p: False),
+            r"params is a predicate that matched no parameter",
+        ),
+        (
+            "params-int",
+            lambda: torchcurv.functional(model, 3),  # type: ignore[arg-type]
+            r"functional: params must be None, names, glob patterns",
+        ),
+        (
+            "not-a-module",
+            lambda: torchcurv.functional(lambda x: x),  # type: ignore[arg-type]
+            r"functional: module must be a torch\.nn\.Module",
+        ),
+        (
+            "loss-without-targets",
+            lambda: torchcurv.per_sample_hessian(model, X, loss=F.cross_entropy),
+            r"targets must be given with loss=",
+        ),
+        (
+            "targets-without-loss",
+            lambda: torchcurv.per_sample_hessian(model, X, targets=y),
+            r"loss must be given with targets=",
+        ),
+        (
+            "output-and-loss",
+            lambda: torchcurv.per_sample_hessian(
+                model, X, output=0, loss=F.cross_entropy, targets=y
+            ),
+            r"output cannot be combined with loss=",
+        ),
+        (
+            "output-not-tensor",
+            lambda: torchcurv.per_sample_hessian(model, X, output=lambda out: out.tolist()),
+            r"output did not produce a tensor",
+        ),
+        (
+            "output-out-of-range",
+            lambda: torchcurv.per_sample_hessian(model, X, output=7),
+            r"output=7 cannot index the per-sample output.*batch dim removed",
+        ),
+        (
+            "loss-not-scalar",
+            lambda: torchcurv.per_sample_hessian(model, X, loss=lambda o, t: o, targets=y),
+            r"loss must return a scalar",
+        ),
+        (
+            "wrt-unknown",
+            lambda: torchcurv.per_sample_hessian(model, X, wrt="weights"),
+            r"wrt must be 'inputs', 'params' or 'both', got 'weights'",
+        ),
+        (
+            "integer-inputs",
+            lambda: torchcurv.per_sample_hessian(model, torch.ones(3, 3, dtype=int)),
+            r"inputs must be floating-point to be differentiated.*wrt='params'",
+        ),
+        (
+            "batch-mismatch",
+            lambda: torchcurv.per_sample_hessian(model, X, loss=F.cross_entropy, targets=y[:2]),
+            r"inputs and targets must have the same batch size, got \[2, 3\]",
+        ),
+        (
+            "params-with-wrt-inputs",
+            lambda: torchcurv.per_sample_hessian(model, X, params=["0.*"]),
+            r"params only applies with wrt='params'",
+        ),
+        (
+            "chunk-tuple-length",
+            lambda: torchcurv.per_sample_hessian(model, X, chunk_size=(1, 2)),
+            r"chunk_size must be a tuple \(batch, inner, outer\)",
+        ),
+        (
+            "chunk-and-budget",
+            lambda: torchcurv.per_sample_hessian(model, X, chunk_size=4, memory_budget="1GiB"),
+            r"chunk_size must be 'auto' or None when memory_budget is given",
+        ),
+        (
+            "budget-garbage",
+            lambda: torchcurv.per_sample_hessian(model, X, memory_budget="lots"),
+            r"memory_budget must be None, a positive number of bytes or a size such as '2GiB'",
+        ),
+        (
+            "mode-unknown",
+            lambda: torchcurv.per_sample_hessian(model, X, mode="exact"),
+            r"per_sample_hessian: mode must be one of",
+        ),
+        (
+            "randomness-unknown",
+            lambda: torchcurv.per_sample_hessian(model, X, randomness="maybe"),
+            r"randomness must be one of 'error', 'different', 'same'",
+        ),
+        (
+            "scalar-inputs",
+            lambda: torchcurv.per_sample_hessian(model, torch.tensor(1.0)),
+            r"inputs must have a leading batch dim",
+        ),
     ]
 
 
 BAD = bad_calls()
 
 
-@pytest.mark.parametrize(("call_bad", "message"), [(c, m) for _, c, m in BAD],
-                         ids=[n for n, _, _ in BAD])
+@pytest.mark.parametrize(
+    ("call_bad", "message"), [(c, m) for _, c, m in BAD], ids=[n for n, _, _ in BAD]
+)
 def test_bad_input_gives_a_clear_error(call_bad: Any, message: str) -> None:
     with pytest.raises(torchcurv.TorchcurvError, match=message):
         call_bad()

@@ -17,10 +17,17 @@ from torchcurv._planning import WORK_PER_FORWARD, parse_budget, plan_chunks
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("budget", "expected"), [
-    ("2GiB", 2 * 2**30), ("500MB", 500 * 10**6), ("1.5 KiB", 1536), ("64", 64),
-    (10**9, 10**9), (2.5e6, 2_500_000),
-])
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        ("2GiB", 2 * 2**30),
+        ("500MB", 500 * 10**6),
+        ("1.5 KiB", 1536),
+        ("64", 64),
+        (10**9, 10**9),
+        (2.5e6, 2_500_000),
+    ],
+)
 def test_parse_budget(budget: object, expected: int) -> None:
     assert parse_budget("f", budget, CPU) == expected
 
@@ -39,41 +46,61 @@ def test_bad_budgets_are_refused(budget: object) -> None:
 
 
 def test_a_call_that_fits_is_not_chunked() -> None:
-    plan = plan_chunks("f", batch=10, axes=(1, 8), result_bytes=100, work_bytes=10,
-                       budget=10**6)
+    plan = plan_chunks("f", batch=10, axes=(1, 8), result_bytes=100, work_bytes=10, budget=10**6)
     assert (plan.batch, plan.axes) == (10, (1, 8))
 
 
 def test_plans_shrink_the_batch_first_then_the_basis() -> None:
-    plan = plan_chunks("f", batch=100, axes=(2, 50), result_bytes=10, work_bytes=100,
-                       budget=100 * 10 + 20 * 100 * 100 + 2 * 20 * 10)
-    assert plan.batch == 20 and plan.axes == (2, 50)
+    plan = plan_chunks(
+        "f",
+        batch=100,
+        axes=(2, 50),
+        result_bytes=10,
+        work_bytes=100,
+        budget=100 * 10 + 20 * 100 * 100 + 2 * 20 * 10,
+    )
+    assert plan.batch == 20
+    assert plan.axes == (2, 50)
     assert plan.predicted_peak <= plan.budget
-    plan = plan_chunks("f", batch=100, axes=(2, 50), result_bytes=10, work_bytes=100,
-                       budget=100 * 10 + 2 * 10 + 30 * 100)
-    assert plan.batch == 1 and plan.axes == (1, 30)
+    plan = plan_chunks(
+        "f",
+        batch=100,
+        axes=(2, 50),
+        result_bytes=10,
+        work_bytes=100,
+        budget=100 * 10 + 2 * 10 + 30 * 100,
+    )
+    assert plan.batch == 1
+    assert plan.axes == (1, 30)
     assert plan.predicted_peak <= plan.budget
 
 
 def test_an_impossible_budget_is_refused_before_work_with_what_would_fit() -> None:
-    with pytest.raises(torchcurv.MemoryBudgetError, match=r"f: memory_budget of 100 B cannot "
-                       r"be met: the result alone takes 1000 B.*at least"):
+    with pytest.raises(
+        torchcurv.MemoryBudgetError,
+        match=r"f: memory_budget of 100 B cannot "
+        r"be met: the result alone takes 1000 B.*at least",
+    ):
         plan_chunks("f", batch=10, axes=(3,), result_bytes=100, work_bytes=10, budget=100)
 
 
 def test_tiny_budget_is_refused_by_the_public_functions() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     X = torch.randn(32, 8)
-    with pytest.raises(torchcurv.MemoryBudgetError, match=r"per_sample_hessian: memory_budget "
-                       r"of 1\.0 KiB cannot be met.*Pass memory_budget of at least"):
+    with pytest.raises(
+        torchcurv.MemoryBudgetError,
+        match=r"per_sample_hessian: memory_budget "
+        r"of 1\.0 KiB cannot be met.*Pass memory_budget of at least",
+    ):
         torchcurv.per_sample_hessian(model, X, memory_budget="1KiB")
     with pytest.raises(torchcurv.MemoryBudgetError, match=r"per_sample: memory_budget"):
         torchcurv.per_sample(torchcurv.hessian(lambda x: x.prod()), memory_budget=16)(X)
 
 
 def test_budgeted_results_equal_unchunked_results() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
-                                torch.nn.Linear(32, 1)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+    ).double()
     X = torch.randn(64, 8, dtype=torch.float64)
     whole = torchcurv.per_sample_hessian(model, X, chunk_size=None)
     work = WORK_PER_FORWARD[2]
@@ -83,13 +110,21 @@ def test_budgeted_results_equal_unchunked_results() -> None:
     assert work >= 1
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
-                    reason="peak RSS is measured through Linux's /proc/self/clear_refs")
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(),
+    reason="peak RSS is measured through Linux's /proc/self/clear_refs",
+)
 def test_measured_peak_stays_within_the_budget() -> None:
     script = Path(__file__).parent / "scripts" / "measure_peak.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(script), "256", "256"], capture_output=True,
-                            text=True, env=env, check=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), "256", "256"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["max_abs_diff"] == 0.0
     assert report["budgeted_peak"] <= 1.1 * report["budget"], report

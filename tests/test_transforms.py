@@ -38,8 +38,9 @@ def chunk_id(chunk: Any) -> str:
 def test_per_output_hessians_of_weighted_squares(mode: str, chunk: Any) -> None:
     # f(x) = x * x * arange(4): output k is k x_k^2, its Hessian 2k e_k e_k^T.
     x = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=D)
-    H = torchcurv.hessian(lambda x: x * x * torch.arange(4, dtype=D), mode=mode,
-                          chunk_size=chunk)(x)
+    H = torchcurv.hessian(lambda x: x * x * torch.arange(4, dtype=D), mode=mode, chunk_size=chunk)(
+        x
+    )
     expected = torch.stack([torch.diag(2.0 * k * torch.eye(4, dtype=D)[k]) for k in range(4)])
     assert H.shape == (4, 4, 4)
     assert_trees_close(H, expected)
@@ -109,12 +110,14 @@ def tree_args() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("mode", HESSIAN_MODES)
 def test_pytree_hessian_matches_torch_func_and_oracle(mode: str, argnums: Any) -> None:
     x, y = tree_args()
-    H = assert_matches_reference(torchcurv.hessian, tree_function, x, y, argnums=argnums,
-                                 mode=mode, chunk_size=(2, 3))
+    H = assert_matches_reference(
+        torchcurv.hessian, tree_function, x, y, argnums=argnums, mode=mode, chunk_size=(2, 3)
+    )
     # torch.func.hessian returns zeros for negative argnums (torch 2.13); jacrev of
     # jacrev does not, so it is the torch.func reference here.
-    expected = torch.func.jacrev(torch.func.jacrev(tree_function, argnums=argnums),
-                                 argnums=argnums)(x, y)
+    expected = torch.func.jacrev(
+        torch.func.jacrev(tree_function, argnums=argnums), argnums=argnums
+    )(x, y)
     assert_trees_close(H, expected)
     if argnums != -1:
         assert_trees_close(H, torch.func.hessian(tree_function, argnums=argnums)(x, y))
@@ -131,8 +134,9 @@ def test_negative_argnums_is_not_silently_zero() -> None:
 @pytest.mark.parametrize("mode", JACOBIAN_MODES)
 def test_pytree_jacobian_matches_torch_func_and_oracle(mode: str, argnums: Any) -> None:
     x, y = tree_args()
-    J = assert_matches_reference(torchcurv.jacobian, tree_function, x, y, argnums=argnums,
-                                 order=1, mode=mode, chunk_size=2)
+    J = assert_matches_reference(
+        torchcurv.jacobian, tree_function, x, y, argnums=argnums, order=1, mode=mode, chunk_size=2
+    )
     assert_trees_close(J, torch.func.jacrev(tree_function, argnums=argnums)(x, y))
 
 
@@ -140,8 +144,9 @@ def test_pytree_jacobian_matches_torch_func_and_oracle(mode: str, argnums: Any) 
 def test_scalar_input_and_scalar_output(mode: str) -> None:
     x = torch.tensor(0.7, dtype=D)
     assert_trees_close(torchcurv.hessian(torch.sin, mode=mode)(x), -torch.sin(x))
-    assert_trees_close(torchcurv.jacobian(torch.sin, mode=mode[:3] if mode != "auto" else mode)(x),
-                       torch.cos(x))
+    assert_trees_close(
+        torchcurv.jacobian(torch.sin, mode=mode[:3] if mode != "auto" else mode)(x), torch.cos(x)
+    )
     assert_trees_close(reference.hessian(torch.sin)(x), -torch.sin(x))
 
 
@@ -159,8 +164,9 @@ def test_unused_argument_gives_zero_blocks_not_none() -> None:
 @pytest.mark.parametrize("mode", HESSIAN_MODES)
 def test_has_aux_returns_aux_untouched(mode: str) -> None:
     x = torch.randn(3, dtype=D)
-    H, aux = torchcurv.hessian(lambda x: ((x**3).sum(), {"twice": 2 * x}), mode=mode,
-                               has_aux=True, chunk_size=1)(x)
+    H, aux = torchcurv.hessian(
+        lambda x: ((x**3).sum(), {"twice": 2 * x}), mode=mode, has_aux=True, chunk_size=1
+    )(x)
     assert_trees_close(H, torch.diag(6 * x))
     assert_trees_close(aux, {"twice": 2 * x})
 
@@ -230,8 +236,11 @@ def test_randomness_same_shares_one_mask_across_chunks(mode: str) -> None:
 
 
 def test_randomness_error_is_a_clear_error() -> None:
-    with pytest.raises(torchcurv.TorchcurvError, match=r"hessian: .*random operation.*"
-                       r"randomness='same'.*model\.eval\(\)"):
+    with pytest.raises(
+        torchcurv.TorchcurvError,
+        match=r"hessian: .*random operation.*"
+        r"randomness='same'.*model\.eval\(\)",
+    ):
         torchcurv.hessian(dropped_square)(torch.randn(4, dtype=D))
 
 
@@ -247,8 +256,9 @@ def test_hvp_and_vhp_closed_form() -> None:
     value, (hv,) = torchcurv.hvp(lambda x: 0.5 * x @ A @ x, (x,), (v,))
     assert_trees_close(hv, A @ v)
     assert_trees_close(value, 0.5 * x @ A @ x)
-    value, (vh,), aux = torchcurv.vhp(lambda x: (0.5 * x @ A @ x, x.sum()), (x,), (v,),
-                                      has_aux=True)
+    value, (vh,), aux = torchcurv.vhp(
+        lambda x: (0.5 * x @ A @ x, x.sum()), (x,), (v,), has_aux=True
+    )
     assert_trees_close(vh, A @ v)
     assert_trees_close(aux, x.sum())
 
@@ -288,9 +298,11 @@ BUILD_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "message"), BUILD_ERRORS,
-                         ids=[f"{n}-{next(iter(k))}={k[next(iter(k))]!r}"
-                              for n, k, _ in BUILD_ERRORS])
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    BUILD_ERRORS,
+    ids=[f"{n}-{next(iter(k))}={k[next(iter(k))]!r}" for n, k, _ in BUILD_ERRORS],
+)
 def test_bad_arguments_fail_when_the_transform_is_built(
     name: str, kwargs: dict[str, Any], message: str
 ) -> None:
@@ -305,29 +317,48 @@ def test_func_must_be_callable() -> None:
 
 
 CALL_ERRORS = [
-    (lambda: torchcurv.hessian(lambda x: x.sum())(torch.arange(3)),
-     r"hessian: the argument\(s\) at argnums=0 must be floating-point.*int64.*to\(torch"),
-    (lambda: torchcurv.hessian(lambda x, y: x.sum(), argnums=2)(torch.ones(2), torch.ones(2)),
-     r"hessian: argnums is out of range for a call with 2 positional argument\(s\), got 2"),
-    (lambda: torchcurv.jacobian(lambda x: 3.0)(torch.ones(2)),
-     r"jacobian: func must return a Tensor or a pytree of Tensors, got 3\.0"),
-    (lambda: torchcurv.hessian(lambda x: x.sum(), has_aux=True)(torch.ones(2)),
-     r"hessian: func must return a pair \(output, aux\) when has_aux=True"),
-    (lambda: torchcurv.hvp(lambda x: x, (torch.ones(3),), (torch.ones(3),)),
-     r"hvp: func must return a scalar \(one-element\) tensor.*Reduce the output"),
-    (lambda: torchcurv.hvp(lambda x: x.sum(), torch.ones(3), (torch.ones(3),)),
-     r"hvp: primals must be a non-empty tuple.*\(x,\)"),
-    (lambda: torchcurv.vhp(lambda x: x.sum(), (torch.ones(3),), (torch.ones(2),)),
-     r"vhp: tangents must match the primals' shapes"),
-    (lambda: torchcurv.vhp(lambda x: x.sum(), (torch.ones(3),), ()),
-     r"vhp: tangents must be a tuple of 1 item"),
-    (lambda: reference.hessian(lambda x: x.sum())(torch.arange(2)),
-     r"reference\.hessian: the argument\(s\) at argnums=0 must be floating-point"),
+    (
+        lambda: torchcurv.hessian(lambda x: x.sum())(torch.arange(3)),
+        r"hessian: the argument\(s\) at argnums=0 must be floating-point.*int64.*to\(torch",
+    ),
+    (
+        lambda: torchcurv.hessian(lambda x, y: x.sum(), argnums=2)(torch.ones(2), torch.ones(2)),
+        r"hessian: argnums is out of range for a call with 2 positional argument\(s\), got 2",
+    ),
+    (
+        lambda: torchcurv.jacobian(lambda x: 3.0)(torch.ones(2)),
+        r"jacobian: func must return a Tensor or a pytree of Tensors, got 3\.0",
+    ),
+    (
+        lambda: torchcurv.hessian(lambda x: x.sum(), has_aux=True)(torch.ones(2)),
+        r"hessian: func must return a pair \(output, aux\) when has_aux=True",
+    ),
+    (
+        lambda: torchcurv.hvp(lambda x: x, (torch.ones(3),), (torch.ones(3),)),
+        r"hvp: func must return a scalar \(one-element\) tensor.*Reduce the output",
+    ),
+    (
+        lambda: torchcurv.hvp(lambda x: x.sum(), torch.ones(3), (torch.ones(3),)),
+        r"hvp: primals must be a non-empty tuple.*\(x,\)",
+    ),
+    (
+        lambda: torchcurv.vhp(lambda x: x.sum(), (torch.ones(3),), (torch.ones(2),)),
+        r"vhp: tangents must match the primals' shapes",
+    ),
+    (
+        lambda: torchcurv.vhp(lambda x: x.sum(), (torch.ones(3),), ()),
+        r"vhp: tangents must be a tuple of 1 item",
+    ),
+    (
+        lambda: reference.hessian(lambda x: x.sum())(torch.arange(2)),
+        r"reference\.hessian: the argument\(s\) at argnums=0 must be floating-point",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("call", "message"), CALL_ERRORS,
-                         ids=[f"call-error-{i}" for i in range(len(CALL_ERRORS))])
+@pytest.mark.parametrize(
+    ("call", "message"), CALL_ERRORS, ids=[f"call-error-{i}" for i in range(len(CALL_ERRORS))]
+)
 def test_bad_calls_give_clear_errors(call: Any, message: str) -> None:
     with pytest.raises(torchcurv.TorchcurvError, match=message):
         call()

@@ -1,11 +1,11 @@
 """torchcurv: per-sample Jacobians and Hessians for PyTorch, built on torch.func."""
 
 from . import reference as reference
+from ._batching import per_sample as per_sample
 from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import TorchcurvError as TorchcurvError
 from ._errors import TorchcurvFallbackWarning as TorchcurvFallbackWarning
 from ._errors import UnsupportedModuleError as UnsupportedModuleError
-from ._batching import per_sample as per_sample
 from ._layout import from_matrix as from_matrix
 from ._layout import to_matrix as to_matrix
 from ._modules import batch_hessian as batch_hessian
@@ -20,26 +20,26 @@ from ._transforms import vhp as vhp
 __version__ = "0.1.0"
 
 __all__ = [
-    # function transforms
-    "hessian",
-    "hvp",
-    "jacobian",
-    "vhp",
-    # batching
-    "per_sample",
-    # modules
-    "batch_hessian",
-    "functional",
-    "per_sample_hessian",
-    "per_sample_jacobian",
-    # layout
-    "from_matrix",
-    "to_matrix",
-    # oracle
-    "reference",
     # errors
     "MemoryBudgetError",
     "TorchcurvError",
     "TorchcurvFallbackWarning",
     "UnsupportedModuleError",
+    # modules
+    "batch_hessian",
+    # layout
+    "from_matrix",
+    "functional",
+    # function transforms
+    "hessian",
+    "hvp",
+    "jacobian",
+    # batching
+    "per_sample",
+    "per_sample_hessian",
+    "per_sample_jacobian",
+    # oracle
+    "reference",
+    "to_matrix",
+    "vhp",
 ]

@@ -50,12 +50,21 @@ def check_batch_chunk_size(function: str, chunk_size: Any, memory_budget: Any) -
         return chunk_size  # type: ignore[no-any-return]
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0:
         if memory_budget is not None:
-            argument_error(function, "chunk_size", "must be 'auto' or None when memory_budget "
-                           "is given", chunk_size,
-                           "Pass either chunk_size=<int> or memory_budget=..., not both.")
+            argument_error(
+                function,
+                "chunk_size",
+                "must be 'auto' or None when memory_budget is given",
+                chunk_size,
+                "Pass either chunk_size=<int> or memory_budget=..., not both.",
+            )
         return chunk_size
-    argument_error(function, "chunk_size", "must be None, a positive int or 'auto'", chunk_size,
-                   "Pass chunk_size='auto' to plan from the memory budget, or an int such as 32.")
+    argument_error(
+        function,
+        "chunk_size",
+        "must be None, a positive int or 'auto'",
+        chunk_size,
+        "Pass chunk_size='auto' to plan from the memory budget, or an int such as 32.",
+    )
 
 
 def _is_wrapped(leaves: Sequence[Any]) -> bool:
@@ -73,35 +82,59 @@ class _Batch:
         self.leaves, self.spec = tree_flatten(args)
         dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
         if isinstance(in_dims, tuple) and len(in_dims) != len(args):
-            argument_error(function, "in_dims", f"must have one entry per argument ({len(args)})",
-                           in_dims, "Pass an int, or a tuple with one entry per argument.")
+            argument_error(
+                function,
+                "in_dims",
+                f"must have one entry per argument ({len(args)})",
+                in_dims,
+                "Pass an int, or a tuple with one entry per argument.",
+            )
         flat_dims = _broadcast_to_and_flatten(dims, tree_flatten(args)[1])
         if flat_dims is None:
-            argument_error(function, "in_dims", "does not match the structure of the arguments",
-                           in_dims, "Give in_dims the structure of the arguments (a prefix).")
+            argument_error(
+                function,
+                "in_dims",
+                "does not match the structure of the arguments",
+                in_dims,
+                "Give in_dims the structure of the arguments (a prefix).",
+            )
         self.dims: list[int | None] = list(flat_dims)
         sizes = set()
         for leaf, dim in zip(self.leaves, self.dims, strict=True):
             if dim is None:
                 continue
             if not isinstance(leaf, torch.Tensor) or not -leaf.dim() <= dim < leaf.dim():
-                argument_error(function, "in_dims", f"maps dim {dim} of an argument that has no "
-                               "such dim", leaf, "Use None for arguments shared by all samples.")
+                argument_error(
+                    function,
+                    "in_dims",
+                    f"maps dim {dim} of an argument that has no such dim",
+                    leaf,
+                    "Use None for arguments shared by all samples.",
+                )
             sizes.add(leaf.shape[dim])
         if len(sizes) != 1:
-            argument_error(function, "in_dims", "must map at least one tensor, and all mapped "
-                           "tensors must have the same batch size", sorted(sizes),
-                           "Check that inputs and targets have the same number of samples.")
+            argument_error(
+                function,
+                "in_dims",
+                "must map at least one tensor, and all mapped "
+                "tensors must have the same batch size",
+                sorted(sizes),
+                "Check that inputs and targets have the same number of samples.",
+            )
         self.size: int = sizes.pop()
 
     def narrow(self, start: int, length: int) -> tuple[Any, ...]:
-        leaves = [leaf if dim is None else leaf.narrow(dim, start, length)
-                  for leaf, dim in zip(self.leaves, self.dims, strict=True)]
+        leaves = [
+            leaf if dim is None else leaf.narrow(dim, start, length)
+            for leaf, dim in zip(self.leaves, self.dims, strict=True)
+        ]
         return tuple(tree_unflatten(leaves, self.spec))
 
     def select(self, index: int) -> tuple[Any, ...]:
-        leaves = [leaf if dim is None else leaf.select(dim, index)
-                  for leaf, dim in zip(self.leaves, self.dims, strict=True)]
+        leaves = [
+            leaf if dim is None else leaf.select(dim, index)
+            for leaf, dim in zip(self.leaves, self.dims, strict=True)
+        ]
         return tuple(tree_unflatten(leaves, self.spec))
 
 
@@ -121,10 +154,20 @@ class _Output:
         if self.spec is None:
             dims = _broadcast_to_and_flatten(self.out_dims, spec)
             if dims is None or any(not isinstance(d, int) for d in dims):
-                argument_error(self.function, "out_dims", "must be an int or a pytree of ints "
-                               "matching the outputs", self.out_dims, "Pass out_dims=0.")
-            self.spec, self.dims = spec, [d % (leaf.dim()) if leaf.dim() else 0
-                                          for d, leaf in zip(dims, leaves, strict=True)]
+                argument_error(
+                    self.function,
+                    "out_dims",
+                    "must be an int or a pytree of ints matching the outputs",
+                    self.out_dims,
+                    "Pass out_dims=0.",
+                )
+            self.spec, self.dims = (
+                spec,
+                [
+                    d % (leaf.dim()) if leaf.dim() else 0
+                    for d, leaf in zip(dims, leaves, strict=True)
+                ],
+            )
         return leaves
 
     def add(self, start: int, result: Any) -> None:
@@ -141,8 +184,10 @@ class _Output:
             buffer.narrow(dim, start, leaf.shape[dim]).copy_(leaf)
 
     def add_loop(self, start: int, results: list[Any]) -> None:
-        stacked = [torch.stack(group, dim=0) for group in
-                   zip(*(tree_flatten(r)[0] for r in results), strict=True)]
+        stacked = [
+            torch.stack(group, dim=0)
+            for group in zip(*(tree_flatten(r)[0] for r in results), strict=True)
+        ]
         self._layout(tree_unflatten(stacked, tree_flatten(results[0])[1]))
         moved = [s.movedim(0, d) for s, d in zip(stacked, self.dims, strict=True)]
         assert self.spec is not None
@@ -154,8 +199,10 @@ class _Output:
             return tree_unflatten(self.buffers, self.spec)
         if len(self.pieces) == 1:
             return tree_unflatten(self.pieces[0], self.spec)
-        merged = [torch.cat(group, dim=d)
-                  for group, d in zip(zip(*self.pieces, strict=True), self.dims, strict=True)]
+        merged = [
+            torch.cat(group, dim=d)
+            for group, d in zip(zip(*self.pieces, strict=True), self.dims, strict=True)
+        ]
         return tree_unflatten(merged, self.spec)
 
 
@@ -179,8 +226,9 @@ def run_chunked(
     batch = _Batch(function, args, in_dims)
     step = batch.size if chunk is None else min(chunk, batch.size)
     several = first is not None or step < batch.size
-    output = _Output(function, out_dims, batch.size,
-                     preallocate=several and not _is_wrapped(batch.leaves))
+    output = _Output(
+        function, out_dims, batch.size, preallocate=several and not _is_wrapped(batch.leaves)
+    )
     mapped = torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=randomness)
     start = 0
     if first is not None:
@@ -191,13 +239,14 @@ def run_chunked(
         length = min(step, batch.size - start)
         try:
             if looping:
-                output.add_loop(start, [func(*batch.select(i)) for i in
-                                        range(start, start + length)])
+                output.add_loop(
+                    start, [func(*batch.select(i)) for i in range(start, start + length)]
+                )
             else:
                 output.add(start, mapped(*batch.narrow(start, length)))
         except TorchcurvError:
             raise
-        except Exception as error:  # noqa: BLE001 - classified and re-raised below
+        except Exception as error:
             text = str(error).lower()
             if "randomness error mode" in text:
                 raise TorchcurvError(
@@ -213,21 +262,29 @@ def run_chunked(
                         "free memory."
                     ) from error
                 step = max(1, length // 2)
-                warnings.warn(f"{function}: out of memory on a chunk of {length} samples; "
-                              f"retrying with chunks of {step}.", TorchcurvFallbackWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{function}: out of memory on a chunk of {length} samples; "
+                    f"retrying with chunks of {step}.",
+                    TorchcurvFallbackWarning,
+                    stacklevel=3,
+                )
                 continue
             if not looping and any(s in text for s in _UNBATCHABLE):
                 first_line = str(error).strip().splitlines()[0]
-                warnings.warn(f"{function}: vmap cannot batch an operator ({first_line}); "
-                              "falling back to a loop over samples.", TorchcurvFallbackWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{function}: vmap cannot batch an operator ({first_line}); "
+                    "falling back to a loop over samples.",
+                    TorchcurvFallbackWarning,
+                    stacklevel=3,
+                )
                 looping = True
                 continue
+            if type(error) not in (RuntimeError, ValueError, TypeError, IndexError):
+                raise
             raise type(error)(
                 f"{function}: failed on samples {start}:{start + length} of {batch.size} "
                 f"(chunk_size={chunk}): {error}"
-            ) if type(error) in (RuntimeError, ValueError, TypeError, IndexError) else error
+            ) from error
         start += length
     return output.result()
 
@@ -280,22 +337,37 @@ def per_sample(
     """
     name = "per_sample"
     if not callable(func):
-        argument_error(name, "func", "must be callable", func,
-                       "Pass a single-sample function, e.g. torchcurv.hessian(f).")
+        argument_error(
+            name,
+            "func",
+            "must be callable",
+            func,
+            "Pass a single-sample function, e.g. torchcurv.hessian(f).",
+        )
     chunk = check_batch_chunk_size(name, chunk_size, memory_budget)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
     probes: dict[Any, tuple[int, int]] = {}
 
     def batched(*args: Any) -> Any:
         if chunk != "auto":
-            return run_chunked(name, func, args, in_dims=in_dims, out_dims=out_dims,
-                               randomness=randomness, chunk=chunk)
+            return run_chunked(
+                name,
+                func,
+                args,
+                in_dims=in_dims,
+                out_dims=out_dims,
+                randomness=randomness,
+                chunk=chunk,
+            )
         batch = _Batch(name, args, in_dims)
-        device = next((x.device for x in batch.leaves if isinstance(x, torch.Tensor)),
-                      torch.device("cpu"))
+        device = next(
+            (x.device for x in batch.leaves if isinstance(x, torch.Tensor)), torch.device("cpu")
+        )
         budget = parse_budget(name, memory_budget, device)
-        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else id(x)
-                    for x in batch.leaves)
+        key = tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else id(x)
+            for x in batch.leaves
+        )
         first = None
         if key not in probes:
             mapped = torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=randomness)
@@ -304,10 +376,23 @@ def per_sample(
             probes[key] = (work, result_bytes)
             first = (1, result)
         work, result_bytes = probes[key]
-        plan = plan_chunks(name, batch=batch.size, axes=(), result_bytes=result_bytes,
-                           work_bytes=work, budget=budget)
-        return run_chunked(name, func, args, in_dims=in_dims, out_dims=out_dims,
-                           randomness=randomness, chunk=plan.batch, first=first)
+        plan = plan_chunks(
+            name,
+            batch=batch.size,
+            axes=(),
+            result_bytes=result_bytes,
+            work_bytes=work,
+            budget=budget,
+        )
+        return run_chunked(
+            name,
+            func,
+            args,
+            in_dims=in_dims,
+            out_dims=out_dims,
+            randomness=randomness,
+            chunk=plan.batch,
+            first=first,
+        )
 
     return batched
-

@@ -53,8 +53,13 @@ WRT: tuple[str, ...] = ("inputs", "params", "both")
 
 def _check_module(function: str, module: Any) -> None:
     if not isinstance(module, nn.Module):
-        argument_error(function, "module", "must be a torch.nn.Module", module,
-                       "Pass the model itself, e.g. torchcurv.functional(model).")
+        argument_error(
+            function,
+            "module",
+            "must be a torch.nn.Module",
+            module,
+            "Pass the model itself, e.g. torchcurv.functional(model).",
+        )
 
 
 def _select_names(function: str, module: nn.Module, params: Any) -> list[str]:
@@ -63,15 +68,24 @@ def _select_names(function: str, module: nn.Module, params: Any) -> list[str]:
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
-            argument_error(function, "params", "selected nothing: the module has no trainable "
-                           "parameters", params, f"Name parameters explicitly; available: "
-                           f"{available}.")
+            argument_error(
+                function,
+                "params",
+                "selected nothing: the module has no trainable parameters",
+                params,
+                f"Name parameters explicitly; available: {available}.",
+            )
         return names
     if callable(params) and not isinstance(params, (str, Mapping)):
         names = [n for n, p in named.items() if params(n, p)]
         if not names:
-            argument_error(function, "params", "is a predicate that matched no parameter",
-                           params, f"Available parameters: {available}.")
+            argument_error(
+                function,
+                "params",
+                "is a predicate that matched no parameter",
+                params,
+                f"Available parameters: {available}.",
+            )
         return names
     if isinstance(params, Mapping):
         patterns: Sequence[Any] = list(params.keys())
@@ -80,19 +94,34 @@ def _select_names(function: str, module: nn.Module, params: Any) -> list[str]:
     elif isinstance(params, (list, tuple)):
         patterns = params
     else:
-        argument_error(function, "params", "must be None, names, glob patterns, a dict of "
-                       "tensors or a predicate (name, tensor) -> bool", params,
-                       'Pass e.g. params=["fc2.*"] or params=lambda n, p: n.endswith("bias").')
+        argument_error(
+            function,
+            "params",
+            "must be None, names, glob patterns, a dict of "
+            "tensors or a predicate (name, tensor) -> bool",
+            params,
+            'Pass e.g. params=["fc2.*"] or params=lambda n, p: n.endswith("bias").',
+        )
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        argument_error(function, "params", "must list parameter names or glob patterns (str)",
-                       params, "Pass names, e.g. [name for name, _ in "
-                       f"model.named_parameters()] or ['fc2.*']; available: {available}.")
+        argument_error(
+            function,
+            "params",
+            "must list parameter names or glob patterns (str)",
+            params,
+            "Pass names, e.g. [name for name, _ in "
+            f"model.named_parameters()] or ['fc2.*']; available: {available}.",
+        )
     names = []
     for pattern in patterns:
         matched = [n for n in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            argument_error(function, "params", f"has {pattern!r}, which matches no parameter",
-                           params, f"Available parameters: {available}.")
+            argument_error(
+                function,
+                "params",
+                f"has {pattern!r}, which matches no parameter",
+                params,
+                f"Available parameters: {available}.",
+            )
         names.extend(n for n in matched if n not in names)
     return [n for n in named if n in names]
 
@@ -149,15 +178,21 @@ def _functional(
         if n in names:
             value = given.get(n, p)
             if not isinstance(value, torch.Tensor):
-                argument_error(function, f"params[{n!r}]", "must be a tensor", value,
-                               "Pass {name: tensor} or names only.")
+                argument_error(
+                    function,
+                    f"params[{n!r}]",
+                    "must be a tensor",
+                    value,
+                    "Pass {name: tensor} or names only.",
+                )
             selected[n] = value.detach().clone()
     fixed = {n: p.detach() for n, p in module.named_parameters() if n not in names}
     fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
 
     def fn(params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(module, {**fixed, **params}, args, kwargs,
-                                          tie_weights=True, strict=False)
+        return torch.func.functional_call(
+            module, {**fixed, **params}, args, kwargs, tie_weights=True, strict=False
+        )
 
     return fn, selected
 
@@ -176,8 +211,12 @@ def _check_layers(function: str, module: nn.Module, randomness: str) -> None:
                 "samples and its running statistics would be updated. Call model.eval() "
                 "first (and model.train() afterwards if you are training)."
             )
-        if (isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0
-                and randomness == "error"):
+        if (
+            isinstance(layer, nn.modules.dropout._DropoutNd)
+            and layer.training
+            and layer.p > 0
+            and randomness == "error"
+        ):
             raise UnsupportedModuleError(
                 f"{function}: {where} is in training mode and randomness='error'. Call "
                 "model.eval() to switch dropout off, or pass randomness='different' (each "
@@ -185,45 +224,89 @@ def _check_layers(function: str, module: nn.Module, randomness: str) -> None:
             )
 
 
-def _as_inputs(function: str, inputs: Any, need_float: bool) -> tuple[tuple[torch.Tensor, ...], bool]:
+def _as_inputs(
+    function: str, inputs: Any, need_float: bool
+) -> tuple[tuple[torch.Tensor, ...], bool]:
     single = isinstance(inputs, torch.Tensor)
     xs = (inputs,) if single else inputs
     if not isinstance(xs, tuple) or not xs or not all(isinstance(x, torch.Tensor) for x in xs):
-        argument_error(function, "inputs", "must be a tensor or a non-empty tuple of tensors "
-                       "(the module's positional arguments)", inputs,
-                       "Pass inputs=X, or inputs=(x1, x2) for a forward with several inputs.")
+        argument_error(
+            function,
+            "inputs",
+            "must be a tensor or a non-empty tuple of tensors (the module's positional arguments)",
+            inputs,
+            "Pass inputs=X, or inputs=(x1, x2) for a forward with several inputs.",
+        )
     for x in xs:
         if x.dim() == 0:
-            argument_error(function, "inputs", "must have a leading batch dim", x,
-                           "Pass a batch, e.g. X of shape (B, ...); use x.unsqueeze(0) for one "
-                           "sample.")
+            argument_error(
+                function,
+                "inputs",
+                "must have a leading batch dim",
+                x,
+                "Pass a batch, e.g. X of shape (B, ...); use x.unsqueeze(0) for one sample.",
+            )
         if need_float and not x.is_floating_point():
-            argument_error(function, "inputs", "must be floating-point to be differentiated",
-                           x, "Convert with X.double() or X.float(), or use wrt='params'.")
+            argument_error(
+                function,
+                "inputs",
+                "must be floating-point to be differentiated",
+                x,
+                "Convert with X.double() or X.float(), or use wrt='params'.",
+            )
     return xs, single
 
 
 def _check_objective(function: str, output: Any, loss: Any, targets: Any) -> None:
     if loss is not None and not callable(loss):
-        argument_error(function, "loss", "must be callable (out, target) -> scalar", loss,
-                       "Pass e.g. loss=torch.nn.functional.cross_entropy.")
+        argument_error(
+            function,
+            "loss",
+            "must be callable (out, target) -> scalar",
+            loss,
+            "Pass e.g. loss=torch.nn.functional.cross_entropy.",
+        )
     if loss is not None and targets is None:
-        argument_error(function, "targets", "must be given with loss=", targets,
-                       "Pass targets=Y with one target per sample.")
+        argument_error(
+            function,
+            "targets",
+            "must be given with loss=",
+            targets,
+            "Pass targets=Y with one target per sample.",
+        )
     if loss is None and targets is not None:
-        argument_error(function, "loss", "must be given with targets=", loss,
-                       "Pass loss=torch.nn.functional.cross_entropy (or any (out, y) -> "
-                       "scalar).")
+        argument_error(
+            function,
+            "loss",
+            "must be given with targets=",
+            loss,
+            "Pass loss=torch.nn.functional.cross_entropy (or any (out, y) -> scalar).",
+        )
     if loss is not None and output is not None:
-        argument_error(function, "output", "cannot be combined with loss=", output,
-                       "Pass output= to differentiate a model output, or loss= and targets= "
-                       "to differentiate a loss.")
+        argument_error(
+            function,
+            "output",
+            "cannot be combined with loss=",
+            output,
+            "Pass output= to differentiate a model output, or loss= and targets= "
+            "to differentiate a loss.",
+        )
     if targets is not None and not isinstance(targets, torch.Tensor):
-        argument_error(function, "targets", "must be a tensor", targets,
-                       "Pass targets as a tensor with one entry per sample.")
+        argument_error(
+            function,
+            "targets",
+            "must be a tensor",
+            targets,
+            "Pass targets as a tensor with one entry per sample.",
+        )
     if output is not None and not (callable(output) or isinstance(output, (int, slice, tuple))):
-        argument_error(function, "output", "must be an int, a slice, an index tuple or a "
-                       "callable out -> tensor", output, "Pass output=2 for class 2's logit.")
+        argument_error(
+            function,
+            "output",
+            "must be an int, a slice, an index tuple or a callable out -> tensor",
+            output,
+            "Pass output=2 for class 2's logit.",
+        )
 
 
 def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:
@@ -243,18 +326,28 @@ def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Te
                 f"{error}. Use an index valid for one sample's output (batch dim removed)."
             ) from None
     if not isinstance(selected, torch.Tensor):
-        argument_error(function, "output", "did not produce a tensor", selected,
-                       "Select a tensor, e.g. output=0 for the first element of a tuple "
-                       "output, or output=lambda out: out['logits'].")
+        argument_error(
+            function,
+            "output",
+            "did not produce a tensor",
+            selected,
+            "Select a tensor, e.g. output=0 for the first element of a tuple "
+            "output, or output=lambda out: out['logits'].",
+        )
     return selected
 
 
 def _drop_batch(function: str, out: Any) -> Any:
     def first(t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1:
-            argument_error(function, "module", "must return outputs with a leading batch dim",
-                           t, "torchcurv feeds one sample as a batch of one; return (1, ...) "
-                           "outputs, or wrap the module.")
+            argument_error(
+                function,
+                "module",
+                "must return outputs with a leading batch dim",
+                t,
+                "torchcurv feeds one sample as a batch of one; return (1, ...) "
+                "outputs, or wrap the module.",
+            )
         return t[0]
 
     return tree_map(first, out)
@@ -262,32 +355,62 @@ def _drop_batch(function: str, out: Any) -> Any:
 
 def _loss_value(function: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        argument_error(function, "loss", "must return a scalar (one-element) tensor", value,
-                       "Use a reduction such as reduction='mean' or 'sum'.")
+        argument_error(
+            function,
+            "loss",
+            "must return a scalar (one-element) tensor",
+            value,
+            "Use a reduction such as reduction='mean' or 'sum'.",
+        )
     return value.reshape(())
 
 
 class _Objective:
     """A module and a choice of what to differentiate, as functions of one sample."""
 
-    def __init__(self, function: str, module: nn.Module, inputs: Any, *, wrt: Any,
-                 params: ParamSelection, output: OutputSelection, loss: LossFunction | None,
-                 targets: torch.Tensor | None, kwargs: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self,
+        function: str,
+        module: nn.Module,
+        inputs: Any,
+        *,
+        wrt: Any,
+        params: ParamSelection,
+        output: OutputSelection,
+        loss: LossFunction | None,
+        targets: torch.Tensor | None,
+        kwargs: Mapping[str, Any] | None,
+    ) -> None:
         _check_module(function, module)
         if wrt not in WRT:
-            argument_error(function, "wrt", "must be 'inputs', 'params' or 'both'", wrt,
-                           "Pass wrt='inputs' (input curvature) or wrt='params'.")
+            argument_error(
+                function,
+                "wrt",
+                "must be 'inputs', 'params' or 'both'",
+                wrt,
+                "Pass wrt='inputs' (input curvature) or wrt='params'.",
+            )
         _check_objective(function, output, loss, targets)
         if kwargs is not None and not isinstance(kwargs, Mapping):
-            argument_error(function, "kwargs", "must be a dict of keyword arguments", kwargs,
-                           "Pass kwargs={'mask': mask}.")
+            argument_error(
+                function,
+                "kwargs",
+                "must be a dict of keyword arguments",
+                kwargs,
+                "Pass kwargs={'mask': mask}.",
+            )
         self.function, self.module, self.wrt = function, module, wrt
         self.output, self.loss, self.targets = output, loss, targets
         self.kwargs = dict(kwargs or {})
         self.xs, self.single = _as_inputs(function, inputs, wrt != "params")
         if wrt == "inputs" and params is not None:
-            argument_error(function, "params", "only applies with wrt='params' or wrt='both'",
-                           params, "Drop params=, or pass wrt='params'.")
+            argument_error(
+                function,
+                "params",
+                "only applies with wrt='params' or wrt='both'",
+                params,
+                "Drop params=, or pass wrt='params'.",
+            )
         self.fn, self.params = _functional(function, module, params, select=wrt != "inputs")
 
     def diff(self, xs: tuple[Any, ...]) -> Any:
@@ -327,18 +450,31 @@ class _Objective:
         sizes = {x.shape[0] for x in self.xs}
         if self.targets is not None:
             if self.targets.dim() == 0:
-                argument_error(self.function, "targets", "must have a leading batch dim",
-                               self.targets, "Pass one target per sample.")
+                argument_error(
+                    self.function,
+                    "targets",
+                    "must have a leading batch dim",
+                    self.targets,
+                    "Pass one target per sample.",
+                )
             sizes.add(self.targets.shape[0])
         if len(sizes) != 1:
-            argument_error(self.function, "inputs", "and targets must have the same batch size",
-                           sorted(sizes), "Pass one entry per sample in each.")
-        return sizes.pop()
+            argument_error(
+                self.function,
+                "inputs",
+                "and targets must have the same batch size",
+                sorted(sizes),
+                "Pass one entry per sample in each.",
+            )
+        return int(sizes.pop())
 
     def in_dims(self) -> tuple[Any, Any, Any]:
         x_dims: Any = 0 if self.single else (0,) * len(self.xs)
-        diff_dims: Any = {"inputs": x_dims, "params": None} if self.wrt == "both" else (
-            x_dims if self.wrt == "inputs" else None)
+        diff_dims: Any = (
+            {"inputs": x_dims, "params": None}
+            if self.wrt == "both"
+            else (x_dims if self.wrt == "inputs" else None)
+        )
         xs_dims = (0,) * len(self.xs) if self.wrt == "params" else None
         return diff_dims, xs_dims, None if self.targets is None else 0
 
@@ -347,13 +483,17 @@ class _Objective:
 
     def signature(self, mode: str, order: int) -> tuple[Any, ...]:
         """What the working memory of one sample depends on (not parameter values)."""
-        return (self.wrt, mode, order, tuple((n, tuple(p.shape), p.dtype)
-                                             for n, p in self.params.items()),
-                tuple((tuple(x.shape[1:]), x.dtype) for x in self.xs),
-                None if self.targets is None else (tuple(self.targets.shape[1:]),
-                                                   self.targets.dtype),
-                repr(self.output) if not callable(self.output) else id(self.output),
-                id(self.loss), tuple(sorted(self.kwargs)))
+        return (
+            self.wrt,
+            mode,
+            order,
+            tuple((n, tuple(p.shape), p.dtype) for n, p in self.params.items()),
+            tuple((tuple(x.shape[1:]), x.dtype) for x in self.xs),
+            None if self.targets is None else (tuple(self.targets.shape[1:]), self.targets.dtype),
+            repr(self.output) if not callable(self.output) else id(self.output),
+            id(self.loss),
+            tuple(sorted(self.kwargs)),
+        )
 
     def sample(self, index: int) -> tuple[Any, Any, Any]:
         """``(diff, xs, target)`` of one sample, without its batch dim."""
@@ -391,20 +531,33 @@ def _probe(obj: _Objective, mode: str, order: int) -> tuple[int, int]:
     return cache[key]
 
 
-def _check_module_chunk(function: str, chunk_size: Any, memory_budget: Any,
-                        n_axes: int) -> tuple[Any, tuple[int | None, ...]]:
+def _check_module_chunk(
+    function: str, chunk_size: Any, memory_budget: Any, n_axes: int
+) -> tuple[Any, tuple[int | None, ...]]:
     """``(batch_chunk, basis_chunks)`` from a module-level chunk_size."""
     if isinstance(chunk_size, tuple):
         if len(chunk_size) != 1 + n_axes:
             parts = "(batch, inner, outer)" if n_axes == 2 else "(batch, basis)"
-            argument_error(function, "chunk_size", f"must be a tuple {parts} when a tuple",
-                           chunk_size, f"Pass chunk_size={parts}, 'auto', None or an int.")
+            argument_error(
+                function,
+                "chunk_size",
+                f"must be a tuple {parts} when a tuple",
+                chunk_size,
+                f"Pass chunk_size={parts}, 'auto', None or an int.",
+            )
         if memory_budget is not None:
-            argument_error(function, "chunk_size", "must be 'auto' when memory_budget is given",
-                           chunk_size, "Pass either explicit chunk sizes or memory_budget=.")
+            argument_error(
+                function,
+                "chunk_size",
+                "must be 'auto' when memory_budget is given",
+                chunk_size,
+                "Pass either explicit chunk sizes or memory_budget=.",
+            )
         batch = check_chunk_size(function, chunk_size[0], "chunk_size[0] (batch)")
-        axes = tuple(check_chunk_size(function, c, f"chunk_size[{i + 1}]")
-                     for i, c in enumerate(chunk_size[1:]))
+        axes = tuple(
+            check_chunk_size(function, c, f"chunk_size[{i + 1}]")
+            for i, c in enumerate(chunk_size[1:])
+        )
         return batch, axes
     return check_batch_chunk_size(function, chunk_size, memory_budget), (None,) * n_axes
 
@@ -418,7 +571,7 @@ def _numel(tree: Any) -> int:
 
 
 def _itemsize(tree: Any) -> int:
-    return max(x.element_size() for x in tree_flatten(tree)[0])
+    return max(int(x.element_size()) for x in tree_flatten(tree)[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -506,22 +659,47 @@ def per_sample_hessian(
     _check_mode(name, mode, modes)
     batch_chunk, (inner, outer) = _check_module_chunk(name, chunk_size, memory_budget, 2)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
-    obj = _Objective(name, module, inputs, wrt=wrt, params=params, output=output, loss=loss,
-                     targets=targets, kwargs=kwargs)
+    obj = _Objective(
+        name,
+        module,
+        inputs,
+        wrt=wrt,
+        params=params,
+        output=output,
+        loss=loss,
+        targets=targets,
+        kwargs=kwargs,
+    )
     _check_layers(name, module, randomness)
     size = obj.batch_size()
     if batch_chunk == "auto":
         work, m = _probe(obj, mode, 2)
         n = _numel(obj.sample(0)[0])
         budget = parse_budget(name, memory_budget, obj.xs[0].device)
-        plan = plan_chunks(name, batch=size, axes=(m, n),
-                           result_bytes=m * n * n * _itemsize(obj.diff(obj.xs)),
-                           work_bytes=work, budget=budget)
+        plan = plan_chunks(
+            name,
+            batch=size,
+            axes=(m, n),
+            result_bytes=m * n * n * _itemsize(obj.diff(obj.xs)),
+            work_bytes=work,
+            budget=budget,
+        )
         batch_chunk, (inner, outer) = plan.batch, plan.axes
-    transform = hessian(obj.per_sample, mode=mode, chunk_size=(inner, outer),  # type: ignore[arg-type]
-                        randomness="error" if randomness == "error" else "same")
-    return run_chunked(_label(name, module), transform, obj.args(), in_dims=obj.in_dims(),
-                       out_dims=0, randomness=randomness, chunk=batch_chunk)
+    transform = hessian(
+        obj.per_sample,
+        mode=mode,  # type: ignore[arg-type]
+        chunk_size=(inner, outer),
+        randomness="error" if randomness == "error" else "same",
+    )
+    return run_chunked(
+        _label(name, module),
+        transform,
+        obj.args(),
+        in_dims=obj.in_dims(),
+        out_dims=0,
+        randomness=randomness,
+        chunk=batch_chunk,
+    )
 
 
 def per_sample_jacobian(
@@ -581,22 +759,47 @@ def per_sample_jacobian(
     _check_mode(name, mode, JACOBIAN_MODES)
     batch_chunk, (basis,) = _check_module_chunk(name, chunk_size, memory_budget, 1)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
-    obj = _Objective(name, module, inputs, wrt=wrt, params=params, output=output, loss=loss,
-                     targets=targets, kwargs=kwargs)
+    obj = _Objective(
+        name,
+        module,
+        inputs,
+        wrt=wrt,
+        params=params,
+        output=output,
+        loss=loss,
+        targets=targets,
+        kwargs=kwargs,
+    )
     _check_layers(name, module, randomness)
     size = obj.batch_size()
     if batch_chunk == "auto":
         work, m = _probe(obj, mode, 1)
         n = _numel(obj.sample(0)[0])
         budget = parse_budget(name, memory_budget, obj.xs[0].device)
-        plan = plan_chunks(name, batch=size, axes=(n if mode == "fwd" else min(m, n),),
-                           result_bytes=m * n * _itemsize(obj.diff(obj.xs)),
-                           work_bytes=work, budget=budget)
+        plan = plan_chunks(
+            name,
+            batch=size,
+            axes=(n if mode == "fwd" else min(m, n),),
+            result_bytes=m * n * _itemsize(obj.diff(obj.xs)),
+            work_bytes=work,
+            budget=budget,
+        )
         batch_chunk, (basis,) = plan.batch, plan.axes
-    transform = jacobian(obj.per_sample, mode=mode, chunk_size=basis,  # type: ignore[arg-type]
-                         randomness="error" if randomness == "error" else "same")
-    return run_chunked(_label(name, module), transform, obj.args(), in_dims=obj.in_dims(),
-                       out_dims=0, randomness=randomness, chunk=batch_chunk)
+    transform = jacobian(
+        obj.per_sample,
+        mode=mode,  # type: ignore[arg-type]
+        chunk_size=basis,
+        randomness="error" if randomness == "error" else "same",
+    )
+    return run_chunked(
+        _label(name, module),
+        transform,
+        obj.args(),
+        in_dims=obj.in_dims(),
+        out_dims=0,
+        randomness=randomness,
+        chunk=batch_chunk,
+    )
 
 
 def batch_hessian(
@@ -654,13 +857,30 @@ def batch_hessian(
     _check_mode(name, mode, HESSIAN_MODES)
     randomness = check_randomness(name, randomness)  # type: ignore[assignment]
     if loss is None:
-        argument_error(name, "loss", "is required", loss,
-                       "Pass loss=torch.nn.functional.cross_entropy or another (out, y) -> "
-                       "scalar.")
-    obj = _Objective(name, module, inputs, wrt=wrt, params=params, output=None, loss=loss,
-                     targets=targets, kwargs=kwargs)
+        argument_error(
+            name,
+            "loss",
+            "is required",
+            loss,
+            "Pass loss=torch.nn.functional.cross_entropy or another (out, y) -> scalar.",
+        )
+    obj = _Objective(
+        name,
+        module,
+        inputs,
+        wrt=wrt,
+        params=params,
+        output=None,
+        loss=loss,
+        targets=targets,
+        kwargs=kwargs,
+    )
     _check_layers(name, module, randomness)
     obj.batch_size()
-    transform = hessian(obj.whole_batch, mode=mode, chunk_size=chunk_size,  # type: ignore[arg-type]
-                        randomness=randomness)  # type: ignore[arg-type]
+    transform = hessian(
+        obj.whole_batch,
+        mode=mode,  # type: ignore[arg-type]
+        chunk_size=chunk_size,
+        randomness=randomness,
+    )
     return transform(obj.diff(obj.xs), obj.xs, targets)

@@ -52,9 +52,16 @@ DEFAULT_BUDGET_FRACTION = 0.5
 WORK_PER_FORWARD = {1: 3, 2: 5}
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 
 
@@ -90,9 +97,13 @@ def parse_budget(function: str, budget: Any, device: torch.device) -> int:
             value = float(match.group(1)) * _UNITS[match.group(2).lower()]
             if value > 0:
                 return int(value)
-    argument_error(function, "memory_budget", "must be None, a positive number of bytes or a "
-                   "size such as '2GiB' or '500MB'", budget,
-                   "Pass memory_budget='2GiB' (units: B, KB, MB, GB, KiB, MiB, GiB).")
+    argument_error(
+        function,
+        "memory_budget",
+        "must be None, a positive number of bytes or a size such as '2GiB' or '500MB'",
+        budget,
+        "Pass memory_budget='2GiB' (units: B, KB, MB, GB, KiB, MiB, GiB).",
+    )
 
 
 def format_bytes(size: float) -> str:
@@ -104,17 +115,17 @@ def format_bytes(size: float) -> str:
     return f"{size:.1f} GiB"  # pragma: no cover
 
 
-class _AllocationCounter(TorchDispatchMode):
+class _AllocationCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Adds up the bytes of the storages that operators create (frees not subtracted)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.total = 0
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0]
-                  if isinstance(a, torch.Tensor)}
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inputs = {
+            _storage_key(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
+        }
         out = func(*args, **(kwargs or {}))
         counted = set()
         for tensor in tree_flatten(out)[0]:
@@ -150,8 +161,10 @@ class Plan:
     budget: int
 
     def describe(self) -> str:
-        return (f"batch chunk {self.batch}, basis chunks {self.axes}, predicted peak "
-                f"{format_bytes(self.predicted_peak)} of a {format_bytes(self.budget)} budget")
+        return (
+            f"batch chunk {self.batch}, basis chunks {self.axes}, predicted peak "
+            f"{format_bytes(self.predicted_peak)} of a {format_bytes(self.budget)} budget"
+        )
 
 
 def plan_chunks(
@@ -186,8 +199,11 @@ def plan_chunks(
 
     def peak(b: int, chunks: Sequence[int]) -> int:
         chunked = b < batch or tuple(chunks) != axes
-        return (batch * result_bytes + (2 * b * result_bytes if chunked else 0)
-                + b * math.prod(chunks) * work_bytes)
+        return (
+            batch * result_bytes
+            + (2 * b * result_bytes if chunked else 0)
+            + b * math.prod(chunks) * work_bytes
+        )
 
     smallest = peak(1, (1,) * len(axes))
     if smallest > budget:

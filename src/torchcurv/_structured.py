@@ -1,19 +1,22 @@
-"""Exact structured per-sample input Hessians for ``Linear``/activation stacks.
+r"""Exact structured per-sample input Hessians for ``Linear``/activation stacks.
 
 For a network built from affine layers and elementwise activations the per-sample input
 Hessian of a scalar ``y`` has the closed form ("Hessian backpropagation")
 
 .. math::
 
-    H(x) = \\sum_l J_l(x)^\\top \\operatorname{diag}\\big(\\sigma_l''(z_l) \\odot g_l\\big) J_l(x)
-           \\; + \\; J_{out}^\\top C \\, J_{out},
+    H(x) = \sum_l J_l(x)^\top \operatorname{diag}\big(\sigma_l''(z_l) \odot g_l\big) J_l(x)
+           \; + \; J_{out}^\top C \, J_{out},
 
-where :math:`z_l` is the input of the :math:`l`-th activation, :math:`J_l = \\partial z_l /
-\\partial x`, :math:`g_l = \\partial y / \\partial \\sigma_l(z_l)` and :math:`C` is the curvature
+where :math:`z_l` is the input of the :math:`l`-th activation, :math:`J_l = \partial z_l /
+\partial x`, :math:`g_l = \partial y / \partial \sigma_l(z_l)` and :math:`C` is the curvature
 of an optional loss with respect to the network output. The Jacobians are propagated forward
-as batched matrices and the :math:`g_l` come from a single (batched) backward pass, so the
-whole Hessian costs roughly one forward pass with ``n`` tangents plus one backward pass,
-instead of ``n`` Hessian-vector products.
+as batched ``[B, n, width]`` matrices (so every ``Linear`` is one large GEMM) and the
+:math:`g_l` come from a single backward pass batched over the selected outputs, so the whole
+Hessian costs about one forward pass with ``n`` tangents plus one backward pass, instead of
+``n`` Hessian-vector products. When the layers before the first activation narrow the input
+(``k < n`` features), the Hessian is computed with respect to that affine prefix's output and
+projected back, ``H = A^T H_k A``.
 
 The module is private: :func:`torchcurv.per_sample_hessian` dispatches to it for
 ``mode="structured"`` and, guided by :func:`prefer_structured`, for ``mode="auto"``.
@@ -322,7 +325,7 @@ def _act_derivs(act: _Act, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         pos = z > 0
         return torch.relu(z), pos.to(z.dtype), None
     if k == "leaky":
-        return F.leaky_relu(z, act.p1), torch.where(z > 0, 1.0, act.p1).to(z.dtype), None
+        return F.leaky_relu(z, act.p1), torch.full_like(z, act.p1).masked_fill_(z > 0, 1.0), None
     # elu: first derivative uses z <= 0, autograd's second derivative uses z < 0.
     alpha = act.p1
     e = torch.exp(z) * alpha

@@ -38,7 +38,13 @@ Randomness = Literal["error", "same"]
 HessianChunk = int | tuple[int | None, int | None] | None
 
 JACOBIAN_MODES: tuple[str, ...] = ("rev", "fwd", "auto")
-HESSIAN_MODES: tuple[str, ...] = ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "auto")
+HESSIAN_MODES: tuple[str, ...] = (
+    "fwd-over-rev",
+    "rev-over-rev",
+    "rev-over-fwd",
+    "fwd-over-fwd",
+    "auto",
+)
 RANDOMNESS: tuple[str, ...] = ("error", "same")
 
 
@@ -57,11 +63,21 @@ def check_argnums(function: str, argnums: Any) -> int | tuple[int, ...]:
         and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums)
     ):
         if len(set(argnums)) != len(argnums):
-            argument_error(function, "argnums", "must not repeat an index", argnums,
-                           "Name each argument once, e.g. argnums=(0, 1).")
+            argument_error(
+                function,
+                "argnums",
+                "must not repeat an index",
+                argnums,
+                "Name each argument once, e.g. argnums=(0, 1).",
+            )
         return tuple(argnums)
-    argument_error(function, "argnums", "must be an int or a non-empty tuple of ints", argnums,
-                   "Pass argnums=0 for the first argument or argnums=(0, 1) for several.")
+    argument_error(
+        function,
+        "argnums",
+        "must be an int or a non-empty tuple of ints",
+        argnums,
+        "Pass argnums=0 for the first argument or argnums=(0, 1) for several.",
+    )
 
 
 def check_chunk_size(function: str, chunk_size: Any, argument: str = "chunk_size") -> int | None:
@@ -70,57 +86,96 @@ def check_chunk_size(function: str, chunk_size: Any, argument: str = "chunk_size
         return None
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0:
         return chunk_size
-    argument_error(function, argument, "must be None or a positive int", chunk_size,
-                   f"Pass {argument}=None to disable chunking or a positive int such as 16.")
+    argument_error(
+        function,
+        argument,
+        "must be None or a positive int",
+        chunk_size,
+        f"Pass {argument}=None to disable chunking or a positive int such as 16.",
+    )
 
 
 def check_hessian_chunk_size(function: str, chunk_size: Any) -> tuple[int | None, int | None]:
     """Validate a Hessian chunk size and return it as ``(inner, outer)``."""
     if isinstance(chunk_size, tuple):
         if len(chunk_size) != 2:
-            argument_error(function, "chunk_size", "must be a pair (inner, outer) when a tuple",
-                           chunk_size, "Pass chunk_size=(inner, outer), e.g. (4, 16).")
+            argument_error(
+                function,
+                "chunk_size",
+                "must be a pair (inner, outer) when a tuple",
+                chunk_size,
+                "Pass chunk_size=(inner, outer), e.g. (4, 16).",
+            )
         inner = check_chunk_size(function, chunk_size[0], "chunk_size[0] (inner)")
         outer = check_chunk_size(function, chunk_size[1], "chunk_size[1] (outer)")
         return inner, outer
     if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)):
         if chunk_size is not None and chunk_size <= 0:
-            argument_error(function, "chunk_size", "must be positive", chunk_size,
-                           "Pass chunk_size=None to disable chunking or a positive int such as 16.")
+            argument_error(
+                function,
+                "chunk_size",
+                "must be positive",
+                chunk_size,
+                "Pass chunk_size=None to disable chunking or a positive int such as 16.",
+            )
         return chunk_size, chunk_size
-    argument_error(function, "chunk_size", "must be None, a positive int or a pair of them",
-                   chunk_size, "Pass chunk_size=16 or chunk_size=(inner, outer).")
-
+    argument_error(
+        function,
+        "chunk_size",
+        "must be None, a positive int or a pair of them",
+        chunk_size,
+        "Pass chunk_size=16 or chunk_size=(inner, outer).",
+    )
 
 
 def check_randomness(function: str, randomness: Any, allowed: Sequence[str] = RANDOMNESS) -> str:
     """Validate a randomness choice."""
     if randomness not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
-        argument_error(function, "randomness", f"must be one of {choices}", randomness,
-                       "Use 'error' to refuse random operations (dropout in training mode) "
-                       "or 'same' to share one random draw across all rows of the result.")
+        argument_error(
+            function,
+            "randomness",
+            f"must be one of {choices}",
+            randomness,
+            "Use 'error' to refuse random operations (dropout in training mode) "
+            "or 'same' to share one random draw across all rows of the result.",
+        )
     return str(randomness)
 
 
 def _check_mode(function: str, mode: Any, allowed: Sequence[str]) -> str:
     if mode not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
-        argument_error(function, "mode", f"must be one of {choices}", mode,
-                       f"Pass one of {choices}; 'auto' chooses from the input and output sizes.")
+        argument_error(
+            function,
+            "mode",
+            f"must be one of {choices}",
+            mode,
+            f"Pass one of {choices}; 'auto' chooses from the input and output sizes.",
+        )
     return str(mode)
 
 
 def _check_callable(function: str, func: Any) -> None:
     if not callable(func):
-        argument_error(function, "func", "must be callable", func,
-                       "Pass a function of tensors, e.g. lambda x: (x ** 2).sum().")
+        argument_error(
+            function,
+            "func",
+            "must be callable",
+            func,
+            "Pass a function of tensors, e.g. lambda x: (x ** 2).sum().",
+        )
 
 
 def _check_flag(function: str, argument: str, value: Any) -> None:
     if not isinstance(value, bool):
-        argument_error(function, argument, "must be a bool", value,
-                       f"Pass {argument}=True or {argument}=False.")
+        argument_error(
+            function,
+            argument,
+            "must be a bool",
+            value,
+            f"Pass {argument}=True or {argument}=False.",
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -133,28 +188,45 @@ def _resolve_argnums(function: str, argnums: int | tuple[int, ...], nargs: int) 
     resolved = []
     for index in indices:
         if not -nargs <= index < nargs:
-            argument_error(function, "argnums", f"is out of range for a call with {nargs} "
-                           "positional argument(s)", argnums,
-                           f"Use indices between {-nargs} and {nargs - 1}." if nargs else
-                           "Call the transformed function with the tensors to differentiate.")
+            argument_error(
+                function,
+                "argnums",
+                f"is out of range for a call with {nargs} positional argument(s)",
+                argnums,
+                f"Use indices between {-nargs} and {nargs - 1}."
+                if nargs
+                else "Call the transformed function with the tensors to differentiate.",
+            )
         resolved.append(index % nargs)
     if len(set(resolved)) != len(resolved):
-        argument_error(function, "argnums", "names the same argument twice", argnums,
-                       "Name each argument once.")
+        argument_error(
+            function,
+            "argnums",
+            "names the same argument twice",
+            argnums,
+            "Name each argument once.",
+        )
     return tuple(resolved)
 
 
 def _check_differentiable(function: str, leaves: Sequence[Any], argnums: tuple[int, ...]) -> None:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
-            argument_error(function, f"the argument(s) at argnums={_fmt(argnums)}",
-                           "must be tensors or pytrees of tensors", leaf,
-                           "Pass floating-point tensors, e.g. torch.tensor([1.0, 2.0]).")
+            argument_error(
+                function,
+                f"the argument(s) at argnums={_fmt(argnums)}",
+                "must be tensors or pytrees of tensors",
+                leaf,
+                "Pass floating-point tensors, e.g. torch.tensor([1.0, 2.0]).",
+            )
         if not (leaf.is_floating_point() or leaf.is_complex()):
-            argument_error(function, f"the argument(s) at argnums={_fmt(argnums)}",
-                           "must be floating-point to be differentiated", leaf,
-                           "Convert it with x.to(torch.float64) (or .float()), or leave it out "
-                           "of argnums.")
+            argument_error(
+                function,
+                f"the argument(s) at argnums={_fmt(argnums)}",
+                "must be floating-point to be differentiated",
+                leaf,
+                "Convert it with x.to(torch.float64) (or .float()), or leave it out of argnums.",
+            )
 
 
 def _fmt(argnums: tuple[int, ...]) -> str:
@@ -164,15 +236,25 @@ def _fmt(argnums: tuple[int, ...]) -> str:
 def _flat_output(function: str, out: Any) -> tuple[list[torch.Tensor], TreeSpec]:
     leaves, spec = tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        argument_error(function, "func", "must return a Tensor or a pytree of Tensors", out,
-                       "Return tensors only; use has_aux=True to return extra values.")
+        argument_error(
+            function,
+            "func",
+            "must return a Tensor or a pytree of Tensors",
+            out,
+            "Return tensors only; use has_aux=True to return extra values.",
+        )
     return leaves, spec
 
 
 def _split_aux(function: str, result: Any) -> tuple[Any, Any]:
     if not (isinstance(result, tuple) and len(result) == 2):
-        argument_error(function, "func", "must return a pair (output, aux) when has_aux=True",
-                       result, "Return (output, aux) or pass has_aux=False.")
+        argument_error(
+            function,
+            "func",
+            "must return a pair (output, aux) when has_aux=True",
+            result,
+            "Return (output, aux) or pass has_aux=False.",
+        )
     return result[0], result[1]
 
 
@@ -256,8 +338,11 @@ def _map_basis(
     if shared is None:
         return results[0] if len(results) == 1 else _concat(results)
     return tuple(
-        tree_map(lambda t: t[0], results[0][k]) if is_shared
-        else results[0][k] if len(results) == 1 else _concat([r[k] for r in results])
+        tree_map(lambda t: t[0], results[0][k])
+        if is_shared
+        else results[0][k]
+        if len(results) == 1
+        else _concat([r[k] for r in results])
         for k, is_shared in enumerate(shared)
     )
 
@@ -370,7 +455,7 @@ def _jacobian(
         aux = None
         chosen = mode
         if mode in ("rev", "auto"):
-            vjp_out = torch.func.vjp(flat_func, *flat_in, has_aux=has_aux)
+            vjp_out: Any = torch.func.vjp(flat_func, *flat_in, has_aux=has_aux)
             flat_out = vjp_out[0]
             if mode == "auto":
                 chosen = "rev" if sum(o.numel() for o in flat_out) <= n_in else "fwd"
@@ -380,8 +465,9 @@ def _jacobian(
             rows = _map_basis(lambda *cts: vjp_fn(cts), flat_out, chunk_size, "error", name)
             blocks = _rows_to_blocks(rows, flat_out, flat_in)
         else:
-            flat_out, cols, aux = _forward_columns(flat_func, flat_in, chunk_size, randomness,
-                                                   has_aux, name)
+            flat_out, cols, aux = _forward_columns(
+                flat_func, flat_in, chunk_size, randomness, has_aux, name
+            )
             blocks = _columns_to_blocks(cols, flat_out, flat_in)
         jac = _assemble(blocks, in_spec, out_specs[-1], isinstance(argnums, int))
         return (jac, aux) if has_aux else jac
@@ -405,7 +491,7 @@ def _forward_columns(
         return out, cols, aux
 
     def push(*tangents: torch.Tensor) -> Any:
-        jvp_out = torch.func.jvp(flat_func, tuple(flat_in), tangents, has_aux=has_aux)
+        jvp_out: Any = torch.func.jvp(flat_func, tuple(flat_in), tangents, has_aux=has_aux)
         return (jvp_out[1], jvp_out[0], jvp_out[2]) if has_aux else (jvp_out[1], jvp_out[0])
 
     shared = (False, True, True) if has_aux else (False, True)
@@ -421,10 +507,12 @@ def _rows_to_blocks(
     offset = 0
     for out in flat_out:
         size = out.numel()
-        blocks.append([
-            row[offset:offset + size].reshape((*out.shape, *leaf.shape))
-            for row, leaf in zip(rows, flat_in, strict=True)
-        ])
+        blocks.append(
+            [
+                row[offset : offset + size].reshape((*out.shape, *leaf.shape))
+                for row, leaf in zip(rows, flat_in, strict=True)
+            ]
+        )
         offset += size
     return blocks
 
@@ -439,9 +527,12 @@ def _columns_to_blocks(
         offset = 0
         for leaf in flat_in:
             size = leaf.numel()
-            block = col[offset:offset + size].reshape((*leaf.shape, *out.shape))
-            row_blocks.append(block.movedim(tuple(range(leaf.dim())),
-                                            tuple(range(block.dim() - leaf.dim(), block.dim()))))
+            block = col[offset : offset + size].reshape((*leaf.shape, *out.shape))
+            row_blocks.append(
+                block.movedim(
+                    tuple(range(leaf.dim())), tuple(range(block.dim() - leaf.dim(), block.dim()))
+                )
+            )
             offset += size
         blocks.append(row_blocks)
     return blocks
@@ -540,16 +631,23 @@ def hessian(
 # --------------------------------------------------------------------------------------
 
 
-def _scalar_grad(name: str, func: Callable[..., Any], nargs: int, has_aux: bool) -> Callable[..., Any]:
+def _scalar_grad(
+    name: str, func: Callable[..., Any], nargs: int, has_aux: bool
+) -> Callable[..., Any]:
     """``(*primals) -> (grads, (value, aux))`` for a scalar-valued `func`."""
 
     def checked(*primals: Any) -> Any:
         result = func(*primals)
         value, aux = _split_aux(name, result) if has_aux else (result, ())
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            argument_error(name, "func", "must return a scalar (one-element) tensor", value,
-                           "Reduce the output (e.g. .sum()) or use torchcurv.hessian for "
-                           "vector-valued functions.")
+            argument_error(
+                name,
+                "func",
+                "must return a scalar (one-element) tensor",
+                value,
+                "Reduce the output (e.g. .sum()) or use torchcurv.hessian for "
+                "vector-valued functions.",
+            )
         return value.reshape(()), (value, aux)
 
     return torch.func.grad(checked, argnums=tuple(range(nargs)), has_aux=True)
@@ -557,23 +655,46 @@ def _scalar_grad(name: str, func: Callable[..., Any], nargs: int, has_aux: bool)
 
 def _check_primals(name: str, primals: Any, tangents: Any) -> None:
     if not isinstance(primals, tuple) or not primals:
-        argument_error(name, "primals", "must be a non-empty tuple of arguments", primals,
-                       "Wrap a single tensor as (x,).")
+        argument_error(
+            name,
+            "primals",
+            "must be a non-empty tuple of arguments",
+            primals,
+            "Wrap a single tensor as (x,).",
+        )
     if not isinstance(tangents, tuple) or len(tangents) != len(primals):
-        argument_error(name, "tangents", f"must be a tuple of {len(primals)} item(s) matching "
-                       "primals", tangents, "Pass one tangent per primal, e.g. (v,).")
+        argument_error(
+            name,
+            "tangents",
+            f"must be a tuple of {len(primals)} item(s) matching primals",
+            tangents,
+            "Pass one tangent per primal, e.g. (v,).",
+        )
     for p, t in zip(tree_flatten(primals)[0], tree_flatten(tangents)[0], strict=False):
         if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor) and p.shape != t.shape:
-            argument_error(name, "tangents", f"must match the primals' shapes ({describe(p)})",
-                           t, "Give each tangent the shape of its primal.")
+            argument_error(
+                name,
+                "tangents",
+                f"must match the primals' shapes ({describe(p)})",
+                t,
+                "Give each tangent the shape of its primal.",
+            )
     _check_differentiable(name, tree_flatten(primals)[0], tuple(range(len(primals))))
     if tree_flatten(primals)[1] != tree_flatten(tangents)[1]:
-        argument_error(name, "tangents", "must have the same pytree structure as primals",
-                       tangents, "Give one tangent per primal leaf.")
+        argument_error(
+            name,
+            "tangents",
+            "must have the same pytree structure as primals",
+            tangents,
+            "Give one tangent per primal leaf.",
+        )
 
 
 def hvp(
-    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], *,
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
     has_aux: bool = False,
 ) -> tuple[Any, ...]:
     """Hessian-vector product ``H v`` of a scalar function, forward-over-reverse.
@@ -610,12 +731,16 @@ def hvp(
     _check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    _, product, (value, aux) = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
+    result: Any = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
+    _, product, (value, aux) = result
     return (value, product, aux) if has_aux else (value, product)
 
 
 def vhp(
-    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...], *,
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
     has_aux: bool = False,
 ) -> tuple[Any, ...]:
     """Vector-Hessian product ``v^T H`` of a scalar function, reverse-over-reverse.
@@ -650,7 +775,8 @@ def vhp(
     _check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    _, vjp_fn, (value, aux) = torch.func.vjp(grad_fn, *primals, has_aux=True)
+    result: Any = torch.func.vjp(grad_fn, *primals, has_aux=True)
+    _, vjp_fn, (value, aux) = result
     product = vjp_fn(tangents)
     return (value, product, aux) if has_aux else (value, product)
 
@@ -658,4 +784,3 @@ def vhp(
 def numel(tree: Any) -> int:
     """Total number of entries of the tensors in a pytree."""
     return sum(math.prod(leaf.shape) for leaf in tree_flatten(tree)[0])
-

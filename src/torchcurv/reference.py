@@ -39,26 +39,34 @@ def _loop_rows(
     """
     flat_y = y.reshape(-1)
     rows: list[list[torch.Tensor]] = [[] for _ in leaves]
+    grads: Sequence[torch.Tensor | None]
     for r in range(flat_y.numel()):
         if flat_y.requires_grad:
             one_hot = torch.zeros_like(flat_y)
             one_hot[r] = 1
-            grads = torch.autograd.grad(flat_y, list(leaves), grad_outputs=one_hot,
-                                        retain_graph=True, create_graph=create_graph,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                flat_y,
+                list(leaves),
+                grad_outputs=one_hot,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
         else:
             grads = (None,) * len(leaves)
         for j, (grad, leaf) in enumerate(zip(grads, leaves, strict=True)):
             rows[j].append(torch.zeros_like(leaf) if grad is None else grad)
     return [
-        torch.stack(r).reshape((*y.shape, *leaf.shape)) if r else
-        leaf.new_zeros((*y.shape, *leaf.shape))
+        torch.stack(r).reshape((*y.shape, *leaf.shape))
+        if r
+        else leaf.new_zeros((*y.shape, *leaf.shape))
         for r, leaf in zip(rows, leaves, strict=True)
     ]
 
 
-def _loop_derivative(func: Callable[..., Any], argnums: int | tuple[int, ...], order: int,
-                     name: str) -> Callable[..., Any]:
+def _loop_derivative(
+    func: Callable[..., Any], argnums: int | tuple[int, ...], order: int, name: str
+) -> Callable[..., Any]:
     _check_callable(name, func)
     argnums = check_argnums(name, argnums)
     single = isinstance(argnums, int)
@@ -79,9 +87,15 @@ def _loop_derivative(func: Callable[..., Any], argnums: int | tuple[int, ...], o
                 blocks: list[list[Any]] = [[b.detach() for b in row] for row in first]
             else:
                 blocks = [
-                    [_assemble([[b.detach() for b in _loop_rows(block, leaves, False)]],
-                               in_spec, tree_flatten(0)[1], single)
-                     for block in row]
+                    [
+                        _assemble(
+                            [[b.detach() for b in _loop_rows(block, leaves, False)]],
+                            in_spec,
+                            tree_flatten(0)[1],
+                            single,
+                        )
+                        for block in row
+                    ]
                     for row in first
                 ]
         return _assemble(blocks, in_spec, out_spec, single)

@@ -45,9 +45,13 @@ def measure(call):  # type: ignore[no-untyped-def]
 def main() -> None:
     width, batch = int(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.Tanh(),
-                                torch.nn.Linear(width, width), torch.nn.Tanh(),
-                                torch.nn.Linear(width, 1)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 1),
+    ).eval()
     X = torch.randn(batch, 64)
     whole = lambda: torchcurv.per_sample_hessian(model, X, chunk_size=None)  # noqa: E731
     whole()  # warm-up: lazy initialisation, kernel choice
@@ -56,10 +60,17 @@ def main() -> None:
     budgeted = lambda: torchcurv.per_sample_hessian(model, X, memory_budget=budget)  # noqa: E731
     budgeted()  # the first call probes the model (cached afterwards)
     peak_b, t_budget, result = measure(budgeted)
-    print(json.dumps({
-        "unchunked_peak": peak, "budget": budget, "budgeted_peak": peak_b,
-        "time_ratio": t_budget / t_whole, "max_abs_diff": float((result - expected).abs().max()),
-    }))
+    print(
+        json.dumps(
+            {
+                "unchunked_peak": peak,
+                "budget": budget,
+                "budgeted_peak": peak_b,
+                "time_ratio": t_budget / t_whole,
+                "max_abs_diff": float((result - expected).abs().max()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

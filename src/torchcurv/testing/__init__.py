@@ -23,8 +23,8 @@ __all__ = [
     "assert_per_sample_matches_loop",
     "assert_symmetric",
     "assert_trees_close",
-    "tolerances",
     # hypothesis profiles
     "load_profile",
     "register_profiles",
+    "tolerances",
 ]

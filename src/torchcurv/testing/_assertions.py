@@ -89,26 +89,36 @@ def _leaves_with_paths(tree: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[
         yield _path_name(path), tree
 
 
-def _worst_entries(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float,
-                   count: int = 5) -> str:
+def _worst_entries(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, count: int = 5
+) -> str:
     diff = (actual.detach().to(torch.float64) - expected.detach().to(torch.float64)).abs()
     allowed = atol + rtol * expected.detach().to(torch.float64).abs()
     excess = (diff - allowed).flatten()
     order = torch.argsort(excess, descending=True)[:count]
     lines = []
     for flat_index in order.tolist():
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index),
-                                                          actual.shape)) if actual.dim() else ()
-        lines.append(f"    at {index}: actual {actual.flatten()[flat_index].item():.10g}, "
-                     f"expected {expected.flatten()[flat_index].item():.10g}, "
-                     f"|diff| {diff.flatten()[flat_index].item():.3g}, "
-                     f"allowed {allowed.flatten()[flat_index].item():.3g}")
+        index = (
+            tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), actual.shape))
+            if actual.dim()
+            else ()
+        )
+        lines.append(
+            f"    at {index}: actual {actual.flatten()[flat_index].item():.10g}, "
+            f"expected {expected.flatten()[flat_index].item():.10g}, "
+            f"|diff| {diff.flatten()[flat_index].item():.3g}, "
+            f"allowed {allowed.flatten()[flat_index].item():.3g}"
+        )
     bad = int((diff > allowed).sum())
     return f"  {bad} of {diff.numel()} entries out of tolerance; worst:\n" + "\n".join(lines)
 
 
 def assert_trees_close(
-    actual: Any, expected: Any, *, rtol: float | None = None, atol: float | None = None,
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
     what: str = "result",
 ) -> None:
     """Assert two pytrees of tensors are equal up to the tolerance policy.
@@ -146,11 +156,14 @@ def assert_trees_close(
         )
     for (path, a), (_, e) in zip(actual_leaves, expected_leaves, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
-            raise AssertionError(f"{what}{path}: expected a tensor, got {type(a).__name__} "
-                                 f"(reference: {type(e).__name__}).")
+            raise AssertionError(
+                f"{what}{path}: expected a tensor, got {type(a).__name__} "
+                f"(reference: {type(e).__name__})."
+            )
         if a.shape != e.shape:
-            raise AssertionError(f"{what}{path}: shape {tuple(a.shape)} != expected "
-                                 f"{tuple(e.shape)}.")
+            raise AssertionError(
+                f"{what}{path}: shape {tuple(a.shape)} != expected {tuple(e.shape)}."
+            )
         if a.dtype != e.dtype:
             raise AssertionError(f"{what}{path}: dtype {a.dtype} != expected {e.dtype}.")
         scale = float(e.detach().abs().max()) if e.numel() else 0.0
@@ -177,7 +190,11 @@ def _structure(tree: Any) -> str:
 
 
 def assert_symmetric(
-    hessian: Any, like: Any = None, *, batch_dims: int = 0, rtol: float | None = None,
+    hessian: Any,
+    like: Any = None,
+    *,
+    batch_dims: int = 0,
+    rtol: float | None = None,
     atol: float | None = None,
 ) -> None:
     """Assert a Hessian (tensor, pytree of blocks, batched or not) is symmetric.
@@ -203,10 +220,17 @@ def assert_symmetric(
     """
     matrix = to_matrix(hessian, like, batch_dims=batch_dims)
     if matrix.shape[-1] != matrix.shape[-2]:
-        raise AssertionError(f"Hessian laid out as {tuple(matrix.shape)} is not square; is it "
-                             "the Hessian of a scalar function? Pass like= for pytrees.")
-    assert_trees_close(matrix, matrix.transpose(-1, -2).contiguous(), rtol=rtol, atol=atol,
-                       what="Hessian vs its transpose")
+        raise AssertionError(
+            f"Hessian laid out as {tuple(matrix.shape)} is not square; is it "
+            "the Hessian of a scalar function? Pass like= for pytrees."
+        )
+    assert_trees_close(
+        matrix,
+        matrix.transpose(-1, -2).contiguous(),
+        rtol=rtol,
+        atol=atol,
+        what="Hessian vs its transpose",
+    )
 
 
 def _reference_for(order: int) -> Callable[..., Callable[..., Any]]:
@@ -257,8 +281,13 @@ def assert_matches_reference(
     """
     result = transform(func, argnums=argnums, **transform_kwargs)(*args)
     expected = _reference_for(order)(func, argnums)(*args)
-    assert_trees_close(result, expected, rtol=rtol, atol=atol,
-                       what=f"{getattr(transform, '__name__', 'transform')} vs reference")
+    assert_trees_close(
+        result,
+        expected,
+        rtol=rtol,
+        atol=atol,
+        what=f"{getattr(transform, '__name__', 'transform')} vs reference",
+    )
     return result
 
 
@@ -307,8 +336,10 @@ def assert_matches_finite_differences(
     flat_in, in_spec = tree_flatten(tuple(args[i] for i in indices))
     _check_differentiable("assert_matches_finite_differences", flat_in, indices)
     if any(x.dtype != torch.float64 for x in flat_in):
-        raise ValueError("assert_matches_finite_differences: finite differences need float64 "
-                         "arguments; convert them with .double().")
+        raise ValueError(
+            "assert_matches_finite_differences: finite differences need float64 "
+            "arguments; convert them with .double()."
+        )
     inner = func if order == 1 else _reference_for(1)(func, argnums)
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}.")
@@ -341,8 +372,13 @@ def assert_matches_finite_differences(
     leaves = tree_flatten(expected)[0]
     scale = max((float(x.abs().max()) for x in leaves if x.numel()), default=0.0)
     _flat_output("assert_matches_finite_differences", result)
-    assert_trees_close(result, expected, rtol=rtol, atol=atol * max(1.0, scale),
-                       what="derivative vs central finite differences")
+    assert_trees_close(
+        result,
+        expected,
+        rtol=rtol,
+        atol=atol * max(1.0, scale),
+        what="derivative vs central finite differences",
+    )
 
 
 def assert_chunk_invariant(
@@ -384,8 +420,9 @@ def assert_chunk_invariant(
     expected = transform(func, chunk_size=None, **transform_kwargs)(*args)
     for chunk in chunk_sizes:
         actual = transform(func, chunk_size=chunk, **transform_kwargs)(*args)
-        assert_trees_close(actual, expected, rtol=rtol, atol=atol,
-                           what=f"chunk_size={chunk!r} vs chunk_size=None")
+        assert_trees_close(
+            actual, expected, rtol=rtol, atol=atol, what=f"chunk_size={chunk!r} vs chunk_size=None"
+        )
     return expected
 
 
@@ -434,12 +471,13 @@ def assert_per_sample_matches_loop(
         raise ValueError(f"the batched arguments have batch sizes {sorted(sizes)}; need one.")
     size = sizes.pop()
     result = batched(*args)
-    loop = [single(*(a if d is None else a.select(d, i) for a, d in zip(args, dims, strict=True)))
-            for i in range(size)]
+    loop = [
+        single(*(a if d is None else a.select(d, i) for a, d in zip(args, dims, strict=True)))
+        for i in range(size)
+    ]
     leaves = [tree_flatten(r)[0] for r in loop]
-    stacked = tree_unflatten([torch.stack(group) for group in zip(*leaves, strict=True)],
-                             tree_flatten(loop[0])[1])
-    assert_trees_close(result, stacked, rtol=rtol, atol=atol,
-                       what="batched vs loop over samples")
+    stacked = tree_unflatten(
+        [torch.stack(group) for group in zip(*leaves, strict=True)], tree_flatten(loop[0])[1]
+    )
+    assert_trees_close(result, stacked, rtol=rtol, atol=atol, what="batched vs loop over samples")
     return result
-

@@ -28,11 +28,17 @@ def register_profiles() -> None:
         >>> settings.get_profile("ci").max_examples
         400
     """
-    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                        HealthCheck.data_too_large])
-    settings.register_profile("dev", max_examples=PROFILE_EXAMPLES["dev"], **common)
-    settings.register_profile("ci", max_examples=PROFILE_EXAMPLES["ci"], print_blob=True,
-                              derandomize=False, **common)
+    checks = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile(
+        "dev", max_examples=PROFILE_EXAMPLES["dev"], deadline=None, suppress_health_check=checks
+    )
+    settings.register_profile(
+        "ci",
+        max_examples=PROFILE_EXAMPLES["ci"],
+        deadline=None,
+        suppress_health_check=checks,
+        print_blob=True,
+    )
 
 
 def load_profile(name: str | None = None) -> str:
