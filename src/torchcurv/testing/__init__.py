@@ -5,6 +5,7 @@ Shipped the way ``hypothesis.extra.numpy`` is: the strategies live in
 torchcurv's own suite is built on it.
 """
 
+from . import strategies as strategies
 from ._assertions import assert_chunk_invariant as assert_chunk_invariant
 from ._assertions import assert_matches_finite_differences as assert_matches_finite_differences
 from ._assertions import assert_matches_reference as assert_matches_reference
@@ -23,6 +24,8 @@ __all__ = [
     "assert_per_sample_matches_loop",
     "assert_symmetric",
     "assert_trees_close",
+    # strategies
+    "strategies",
     # hypothesis profiles
     "load_profile",
     "register_profiles",

@@ -75,7 +75,7 @@ def tolerances(dtype: torch.dtype, scale: float = 1.0) -> tuple[float, float]:
 
 
 def _path_name(path: Sequence[Any]) -> str:
-    return "".join(f"[{p!r}]" for p in path) or "<root>"
+    return "".join(f"[{p!r}]" for p in path)
 
 
 def _leaves_with_paths(tree: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[str, Any]]:

@@ -1,0 +1,226 @@
+"""Property tests through torchcurv.testing: every equivalent path must agree.
+
+Random smooth functions with closed forms, random MLPs and CNNs; every mode, chunk size
+and dtype; against the loop oracle, torch.autograd.functional and finite differences.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._pytree import tree_map
+
+import torchcurv
+from torchcurv import reference
+from torchcurv.testing import (
+    assert_matches_finite_differences,
+    assert_matches_reference,
+    assert_per_sample_matches_loop,
+    assert_symmetric,
+    assert_trees_close,
+)
+from torchcurv.testing import strategies as tcs
+
+D = torch.float64
+
+
+def at_most(examples: int) -> settings:
+    """The loaded profile's example count, capped (for tests with a costly oracle)."""
+    return settings(max_examples=min(settings.default.max_examples, examples))
+
+
+def first_output(model: nn.Module) -> Any:
+    """The scalar function of one sample: the model's first output."""
+    return lambda x: model(x.unsqueeze(0))[0, 0]
+
+
+# --------------------------------------------------------------------------------------
+# function transforms (issue: foundation)
+# --------------------------------------------------------------------------------------
+
+
+@given(tcs.functions(dtype=tcs.dtypes()), tcs.hessian_modes(), st.data())
+def test_hessian_equals_the_closed_form(fn: tcs.TestFunction, mode: str, data: Any) -> None:
+    chunk = data.draw(tcs.chunk_sizes(fn.dim), label="chunk_size")
+    H = torchcurv.hessian(fn.func, mode=mode, chunk_size=chunk)(fn.x)
+    assert_trees_close(H, fn.hessian())
+
+
+@given(tcs.functions(), tcs.jacobian_modes(), st.data())
+def test_gradient_equals_the_closed_form(fn: tcs.TestFunction, mode: str, data: Any) -> None:
+    chunk = data.draw(tcs.chunk_sizes(fn.dim, pairs=False), label="chunk_size")
+    J = torchcurv.jacobian(fn.func, mode=mode, chunk_size=chunk)(fn.x)
+    assert_trees_close(J, fn.gradient())
+
+
+@given(tcs.mlps(out_features=1), tcs.hessian_modes(), st.data())
+def test_mlp_input_hessian_matches_oracle_and_autograd_functional(
+    model: nn.Module, mode: str, data: Any
+) -> None:
+    x = data.draw(tcs.inputs_for(model, batch_size=1), label="x")[0]
+    chunk = data.draw(tcs.chunk_sizes(x.numel()), label="chunk_size")
+    f = first_output(model)
+    H = assert_matches_reference(torchcurv.hessian, f, x, mode=mode, chunk_size=chunk)
+    assert_trees_close(H, torch.autograd.functional.hessian(f, x))
+    assert_symmetric(H)
+
+
+@given(tcs.mlps(), st.data())
+def test_all_hessian_modes_agree_on_vector_outputs(model: nn.Module, data: Any) -> None:
+    x = data.draw(tcs.inputs_for(model, batch_size=1), label="x")[0]
+    f = lambda x: model(x.unsqueeze(0))[0]  # noqa: E731
+    expected = torchcurv.hessian(f)(x)
+    for mode in ["rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "auto"]:
+        chunk = data.draw(tcs.chunk_sizes(x.numel()), label=f"chunk_size[{mode}]")
+        assert_trees_close(torchcurv.hessian(f, mode=mode, chunk_size=chunk)(x), expected)
+
+
+@given(tcs.mlps(out_features=2), tcs.jacobian_modes(), st.data())
+def test_mlp_jacobian_matches_oracle(model: nn.Module, mode: str, data: Any) -> None:
+    x = data.draw(tcs.inputs_for(model, batch_size=1), label="x")[0]
+    chunk = data.draw(tcs.chunk_sizes(x.numel(), pairs=False), label="chunk_size")
+    f = lambda x: model(x.unsqueeze(0))[0]  # noqa: E731
+    assert_matches_reference(torchcurv.jacobian, f, x, order=1, mode=mode, chunk_size=chunk)
+
+
+@given(tcs.functions(max_dim=3), tcs.hessian_modes())
+@at_most(60)
+def test_hessian_matches_finite_differences(fn: tcs.TestFunction, mode: str) -> None:
+    H = torchcurv.hessian(fn.func, mode=mode)(fn.x)
+    assert_matches_finite_differences(fn.func, H, fn.x)
+
+
+@given(tcs.functions(max_dim=4), st.data())
+def test_pytree_arguments_split_the_same_hessian(fn: tcs.TestFunction, data: Any) -> None:
+    k = data.draw(st.integers(0, fn.dim), label="split")
+    mode = data.draw(tcs.hessian_modes(), label="mode")
+
+    def split(a: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fn.func(torch.cat([a, b["rest"]]))
+
+    a, b = fn.x[:k], {"rest": fn.x[k:]}
+    H = torchcurv.hessian(split, argnums=(0, 1), mode=mode)(a, b)
+    assert_trees_close(torchcurv.to_matrix(H, like=(a, b)), fn.hessian())
+
+
+@given(tcs.functions(), st.data())
+def test_hvp_and_vhp_equal_hessian_times_vector(fn: tcs.TestFunction, data: Any) -> None:
+    v = data.draw(tcs.inputs_for((fn.dim,), batch_size=1, dtype=fn.x.dtype), label="v")[0]
+    _, (hv,) = torchcurv.hvp(fn.func, (fn.x,), (v,))
+    _, (vh,) = torchcurv.vhp(fn.func, (fn.x,), (v,))
+    expected = fn.hessian() @ v
+    assert_trees_close(hv, expected)
+    assert_trees_close(vh, expected)
+
+
+# --------------------------------------------------------------------------------------
+# per-sample over modules (issues: modules, per-sample)
+# --------------------------------------------------------------------------------------
+
+
+def loop_input_hessians(model: nn.Module, X: torch.Tensor, output: int) -> torch.Tensor:
+    return torch.stack(
+        [reference.hessian(lambda x: model(x.unsqueeze(0))[0, output])(x) for x in X]
+    )
+
+
+@given(tcs.mlps(batch_norm=st.booleans(), tied=st.booleans()), tcs.hessian_modes(), st.data())
+def test_per_sample_input_hessians_equal_the_loop(model: nn.Module, mode: str, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model), label="X")
+    batch_chunk = data.draw(st.none() | st.integers(1, X.shape[0] + 1), label="batch chunk")
+    inner = data.draw(st.none() | st.integers(1, 2), label="inner chunk")
+    outer = data.draw(st.none() | st.integers(1, X[0].numel() + 1), label="outer chunk")
+    H = torchcurv.per_sample_hessian(model, X, output=0, mode=mode,
+                                     chunk_size=(batch_chunk, inner, outer))
+    assert_trees_close(H, loop_input_hessians(model, X, 0))
+
+
+@given(tcs.conv_nets(max_size=7, max_filters=2), st.data())
+@at_most(40)
+def test_per_sample_cnn_input_hessians_equal_the_loop(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model, max_batch=2), label="X")
+    mode = data.draw(tcs.hessian_modes(), label="mode")
+    H = torchcurv.per_sample_hessian(model, X, output=0, mode=mode)
+    assert_trees_close(H, loop_input_hessians(model, X, 0))
+
+
+@given(tcs.mlps(max_width=4, tied=st.booleans(), batch_norm=st.booleans()),
+       st.sampled_from(["params", "both"]), st.data())
+@at_most(150)
+def test_per_sample_loss_hessians_equal_the_loop(model: nn.Module, wrt: str, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    classes = model(X[:1]).shape[-1]
+    y = torch.tensor(data.draw(st.lists(st.integers(0, classes - 1), min_size=X.shape[0],
+                                        max_size=X.shape[0]), label="targets"))
+    mode = data.draw(tcs.hessian_modes(), label="mode")
+    chunk = data.draw(st.sampled_from([None, "auto", 1, (2, None, 3), (None, 1, 1)]),
+                      label="chunk_size")
+    fn, params = torchcurv.functional(model)
+
+    def single(x: torch.Tensor, t: torch.Tensor) -> Any:
+        def loss(diff: Any) -> torch.Tensor:
+            p, xi = (diff, x) if wrt == "params" else (diff["params"], diff["inputs"])
+            return F.cross_entropy(fn(p, xi.unsqueeze(0)), t.unsqueeze(0))
+
+        return reference.hessian(loss)(params if wrt == "params" else
+                                       {"inputs": x, "params": params})
+
+    def batched(X: torch.Tensor, y: torch.Tensor) -> Any:
+        return torchcurv.per_sample_hessian(model, X, wrt=wrt, loss=F.cross_entropy, targets=y,
+                                            mode=mode, chunk_size=chunk)
+
+    H = assert_per_sample_matches_loop(batched, single, X, y)
+    assert_symmetric(torchcurv.to_matrix(H, batch_dims=1), batch_dims=1)
+
+
+@given(tcs.mlps(), st.data())
+def test_per_sample_jacobians_equal_the_loop(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model), label="X")
+    mode = data.draw(tcs.jacobian_modes(), label="mode")
+    wrt = data.draw(st.sampled_from(["inputs", "params", "both"]), label="wrt")
+    fn, params = torchcurv.functional(model)
+    J = torchcurv.per_sample_jacobian(model, X, wrt=wrt, mode=mode, chunk_size=(1, None))
+    for i, x in enumerate(X):
+        diff = {"inputs": x, "params": params} if wrt == "both" else (
+            x if wrt == "inputs" else params)
+
+        def out(d: Any, x: torch.Tensor = x) -> torch.Tensor:
+            if wrt == "inputs":
+                return fn(params, d.unsqueeze(0))[0]
+            if wrt == "params":
+                return fn(d, x.unsqueeze(0))[0]
+            return fn(d["params"], d["inputs"].unsqueeze(0))[0]
+
+        assert_trees_close(tree_map(lambda t, i=i: t[i], J), reference.jacobian(out)(diff))
+
+
+@given(tcs.mlps(out_features=1), st.data())
+def test_chunking_never_changes_per_sample_results(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model, max_batch=5), label="X")
+    dtype_model = model
+    expected = torchcurv.per_sample_hessian(dtype_model, X, chunk_size=None)
+    chunk = data.draw(st.tuples(st.none() | st.integers(1, 6), st.none() | st.integers(1, 2),
+                                st.none() | st.integers(1, 9)), label="chunk_size")
+    assert_trees_close(torchcurv.per_sample_hessian(model, X, chunk_size=chunk), expected)
+    budget = data.draw(st.integers(20_000, 2_000_000), label="memory_budget")
+    try:
+        budgeted = torchcurv.per_sample_hessian(model, X, memory_budget=budget)
+    except torchcurv.MemoryBudgetError:
+        return
+    assert_trees_close(budgeted, expected)
+
+
+@given(tcs.mlps(out_features=1, dtype=torch.float32), st.data())
+def test_float32_agrees_with_float64(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model), label="X")
+    mode = data.draw(tcs.hessian_modes(), label="mode")
+    H32 = torchcurv.per_sample_hessian(model, X, mode=mode)
+    H64 = torchcurv.per_sample_hessian(model.double(), X.double(), mode=mode)
+    model.float()
+    assert H32.dtype == torch.float32
+    assert_trees_close(H32, H64.float())
