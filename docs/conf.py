@@ -15,11 +15,18 @@ sys.path.insert(0, str(DOCS / "_ext"))
 # A source checkout builds without installing the package first.
 sys.path.insert(0, str(DOCS.parent / "src"))
 
+import torch  # noqa: E402
+
 import torchcurv  # noqa: E402
+
+# The examples executed on the tutorial pages are small: one thread runs them as fast as
+# several on an idle machine and much faster on a busy one. Timings shown on the pages are
+# therefore single-threaded.
+torch.set_num_threads(1)
 
 project = "torchcurv"
 author = "torchcurv developers"
-copyright = "torchcurv developers"  # noqa: A001 - Sphinx's name
+copyright = "torchcurv developers"
 release = torchcurv.__version__
 version = release
 
@@ -49,6 +56,7 @@ api_coverage = {
     "torchcurv": "api",
     "torchcurv.reference": "api",
     "torchcurv.testing": "api",
+    "torchcurv.testing.strategies": "api",
 }
 
 try:

@@ -358,7 +358,8 @@ def bad_calls() -> list[tuple[str, Any, str]]:
         (
             "unknown-name",
             lambda: torchcurv.functional(model, ["fc9.weight"]),
-            r"params has 'fc9\.weight', which matches no parameter.*Available parameters: "
+            r"params names a parameter or pattern that matches nothing, got 'fc9\.weight'\..*"
+            r"Available parameters: "
             r"0\.weight, 0\.bias",
         ),
         (

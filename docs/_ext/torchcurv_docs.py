@@ -5,8 +5,8 @@
     printed. All blocks of one page share one namespace, run in page order, with the docs
     folder as the working directory (so ``fig.savefig("_generated/x.png")`` lands where
     ``.. image:: /_generated/x.png`` finds it). An exception, or a warning the code emits,
-    fails the build: the failure is reported with its location (a warning, an error under
-    ``-W``) and the build ends with an error even without ``-W``.
+    fails the build: the failure is reported with its location and the build exits with
+    status 1, with or without ``-W``; the page is executed again by the next build.
 
     Options: ``:raises: ExcName`` (the block must raise that exception; its last line is
     shown as output), ``:hide-code:``, ``:hide-output:``.
@@ -40,7 +40,6 @@ from docutils import nodes
 from docutils.parsers.rst import directives
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
-from sphinx.errors import ExtensionError
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
@@ -66,6 +65,24 @@ def _reset_namespace(app: Sphinx, docname: str, source: list[str]) -> None:
     _TIMINGS.pop(docname, None)
 
 
+def _failed_docs(env: BuildEnvironment) -> set[str]:
+    """Pages whose examples failed: read again by the next build, even if unchanged."""
+    if not hasattr(env, "runblock_failed"):
+        env.runblock_failed = set()  # type: ignore[attr-defined]
+    failed: set[str] = env.runblock_failed  # type: ignore[attr-defined]
+    return failed
+
+
+def _outdated(
+    app: Sphinx, env: BuildEnvironment, added: set[str], changed: set[str], removed: set[str]
+) -> list[str]:
+    return sorted(_failed_docs(env) - removed)
+
+
+def _purge(app: Sphinx, env: BuildEnvironment, docname: str) -> None:
+    _failed_docs(env).discard(docname)
+
+
 class RunBlock(SphinxDirective):
     """Execute Python at build time and show the code and its printed output."""
 
@@ -86,18 +103,22 @@ class RunBlock(SphinxDirective):
         output, problem = self._execute(code, namespace, f"<{docname}.rst:{line}>", expected)
         if problem is not None:
             _FAILURES.append((docname, line, problem))
-            logger.warning("runblock failed:\n%s", problem, location=self.get_location(),
-                           type="runblock")
+            _failed_docs(self.env).add(docname)
+            logger.warning(
+                "runblock failed:\n%s", problem, location=self.get_location(), type="runblock"
+            )
         container = nodes.container(classes=["runblock"])
         if "hide-code" not in self.options:
-            code_node = nodes.literal_block(code, code, language="python",
-                                            classes=["runblock-code"])
+            code_node = nodes.literal_block(
+                code, code, language="python", classes=["runblock-code"]
+            )
             self.set_source_info(code_node)
             container += code_node
         output = output.rstrip()
         if output and "hide-output" not in self.options:
-            out_node = nodes.literal_block(output, output, language="none",
-                                           classes=["runblock-output"])
+            out_node = nodes.literal_block(
+                output, output, language="none", classes=["runblock-output"]
+            )
             self.set_source_info(out_node)
             container += out_node
         return [container]
@@ -109,8 +130,9 @@ class RunBlock(SphinxDirective):
         for path in sorted(Path(torchcurv.__file__).parent.rglob("*.py")):
             self.env.note_dependency(str(path))
 
-    def _execute(self, code: str, namespace: dict[str, Any], filename: str,
-                 expected: str | None) -> tuple[str, str | None]:
+    def _execute(
+        self, code: str, namespace: dict[str, Any], filename: str, expected: str | None
+    ) -> tuple[str, str | None]:
         """Run `code`; return (printed output, a failure description or None)."""
         stdout = io.StringIO()
         start = time.perf_counter()
@@ -124,12 +146,15 @@ class RunBlock(SphinxDirective):
                 os.chdir(self.env.srcdir)
                 with contextlib.redirect_stdout(stdout):
                     exec(compile(code, filename, "exec"), namespace)
-            except Exception as error:  # noqa: BLE001 - reported as a build failure
+            except Exception as error:
                 names = {cls.__name__ for cls in type(error).__mro__}
                 names |= {f"{cls.__module__}.{cls.__qualname__}" for cls in type(error).__mro__}
                 if expected is not None and expected in names:
-                    last = traceback.format_exception_only(type(error), error)[-1]
-                    stdout.write(last)
+                    # The last line of the traceback, as a console shows it, and any notes
+                    # (hypothesis attaches the falsifying example as one).
+                    stdout.write(f"{type(error).__qualname__}: {error}\n")
+                    for note in getattr(error, "__notes__", ()):
+                        stdout.write(f"{note}\n")
                 else:
                     problem = "".join(traceback.format_exception(error))
             else:
@@ -137,11 +162,13 @@ class RunBlock(SphinxDirective):
                     problem = f"the block was expected to raise {expected}, but did not."
             finally:
                 os.chdir(cwd)
-        _TIMINGS[self.env.docname] = (_TIMINGS.get(self.env.docname, 0.0)
-                                      + time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        _TIMINGS[self.env.docname] = _TIMINGS.get(self.env.docname, 0.0) + elapsed
+        logger.verbose("runblock %s: %.2fs", filename, elapsed)
         if problem is None and caught:
             problem = "the block emitted warnings:\n" + "\n".join(
-                f"  {w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught)
+                f"  {w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+            )
         return stdout.getvalue(), problem
 
 
@@ -155,7 +182,7 @@ _INLINE = re.compile(
     r"|(?<![\w*])\*(?P<em>[^*\s](?:[^*]*[^*\s])?)\*(?![\w*])"
     r"|\[(?P<link_text>[^\]]+)\]\((?P<link_url>[^)\s]+)\)"
 )
-_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _BULLET = re.compile(r"^\s*[-*+]\s+(.*)$")
 
@@ -166,7 +193,7 @@ def markdown_inline(text: str) -> list[nodes.Node]:
     position = 0
     for match in _INLINE.finditer(text):
         if match.start() > position:
-            result.append(nodes.Text(text[position:match.start()]))
+            result.append(nodes.Text(text[position : match.start()]))
         if match.group("code") is not None:
             literal = match.group("code_text").strip()
             result.append(nodes.literal(literal, literal))
@@ -198,8 +225,10 @@ def _table(header: list[str], rows: list[list[str]]) -> nodes.table:
     table = nodes.table(classes=["markdown-table"])
     group = nodes.tgroup(cols=width)
     table += group
-    for _ in range(width):
-        group += nodes.colspec(colwidth=1)
+    for column in range(width):
+        # Text-based writers lay the table out with these widths (HTML sizes it itself).
+        texts = [cells[column] for cells in [header, *rows] if column < len(cells)]
+        group += nodes.colspec(colwidth=min(max(3, *(len(text) for text in texts)), 40))
 
     def make_row(cells: list[str]) -> nodes.row:
         row = nodes.row()
@@ -248,8 +277,11 @@ def markdown_to_nodes(text: str) -> list[nodes.Node]:
                 index += 1
             body = "\n".join(block)
             result.append(nodes.literal_block(body, body, language=language))
-        elif (stripped.startswith("|") or "|" in stripped) and index + 1 < len(lines) and \
-                _TABLE_RULE.match(lines[index + 1]):
+        elif (
+            (stripped.startswith("|") or "|" in stripped)
+            and index + 1 < len(lines)
+            and _TABLE_RULE.match(lines[index + 1])
+        ):
             flush()
             header = _table_cells(line)
             rows = []
@@ -298,8 +330,12 @@ class IncludeMarkdown(SphinxDirective):
             self.env.note_dependency(relative)
             return markdown_to_nodes(path.read_text(encoding="utf-8"))
         if "optional" not in self.options:
-            logger.warning("include-markdown: %s does not exist", path,
-                           location=self.get_location(), type="include-markdown")
+            logger.warning(
+                "include-markdown: %s does not exist",
+                path,
+                location=self.get_location(),
+                type="include-markdown",
+            )
             return []
         return self.parse_content_to_nodes()
 
@@ -329,8 +365,9 @@ def undocumented_names(env: BuildEnvironment, coverage: dict[str, str]) -> list[
 def _check_api_coverage(app: Sphinx, env: BuildEnvironment) -> None:
     missing = undocumented_names(env, app.config.api_coverage)
     for name in missing:
-        logger.warning("%s is in __all__ but not documented in the API reference", name,
-                       type="api-coverage")
+        logger.warning(
+            "%s is in __all__ but not documented in the API reference", name, type="api-coverage"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -342,15 +379,24 @@ def _prepare(app: Sphinx) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
     Path(app.srcdir, app.config.runblock_generated_dir).mkdir(parents=True, exist_ok=True)
     _FAILURES.clear()
+    try:  # examples with hypothesis would cache in <cwd>/.hypothesis, i.e. in docs/
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:
+        pass
+    else:
+        set_hypothesis_home_dir(Path(app.doctreedir) / "hypothesis")
 
 
 def _finish(app: Sphinx, exception: Exception | None) -> None:
     if _TIMINGS:
         report = ", ".join(f"{doc} {secs:.1f}s" for doc, secs in sorted(_TIMINGS.items()))
         logger.info("runblock: executed examples in %.1fs (%s)", sum(_TIMINGS.values()), report)
-    if exception is None and _FAILURES:
+    if _FAILURES:
+        app.statuscode = 1  # fails the build, with or without -W
         where = ", ".join(f"{doc}.rst:{line}" for doc, line, _ in _FAILURES)
-        raise ExtensionError(f"{len(_FAILURES)} runblock(s) failed: {where}")
+        count = len(_FAILURES)
+        _FAILURES.clear()
+        logger.error("%d runblock(s) failed: %s", count, where)
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
@@ -360,6 +406,8 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("include-markdown", IncludeMarkdown)
     app.connect("builder-inited", _prepare)
     app.connect("source-read", _reset_namespace)
+    app.connect("env-get-outdated", _outdated)
+    app.connect("env-purge-doc", _purge)
     app.connect("env-check-consistency", _check_api_coverage)
     app.connect("build-finished", _finish)
     return {"version": "1", "parallel_read_safe": False, "parallel_write_safe": True}

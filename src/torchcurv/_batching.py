@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -27,6 +28,7 @@ __all__ = ["BATCH_RANDOMNESS", "check_batch_chunk_size", "per_sample", "run_chun
 
 BatchChunk = int | Literal["auto"] | None
 BATCH_RANDOMNESS: tuple[str, ...] = ("error", "different", "same")
+logger = logging.getLogger("torchcurv")
 
 # Messages of torch errors that mean "vmap cannot batch this operator" (a loop can).
 _UNBATCHABLE = (
@@ -384,6 +386,7 @@ def per_sample(
             work_bytes=work,
             budget=budget,
         )
+        logger.debug("%s: %s", name, plan.describe())
         return run_chunked(
             name,
             func,

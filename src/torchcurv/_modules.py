@@ -11,6 +11,7 @@ and buffers are passed as detached copies and the training flag is left alone.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +31,11 @@ from ._transforms import (
     check_chunk_size,
     check_randomness,
     hessian,
+    hessian_basis_sizes,
     jacobian,
 )
+
+logger = logging.getLogger("torchcurv")
 
 __all__ = ["batch_hessian", "functional", "per_sample_hessian", "per_sample_jacobian"]
 
@@ -118,8 +122,8 @@ def _select_names(function: str, module: nn.Module, params: Any) -> list[str]:
             argument_error(
                 function,
                 "params",
-                f"has {pattern!r}, which matches no parameter",
-                params,
+                "names a parameter or pattern that matches nothing",
+                pattern,
                 f"Available parameters: {available}.",
             )
         names.extend(n for n in matched if n not in names)
@@ -679,11 +683,12 @@ def per_sample_hessian(
         plan = plan_chunks(
             name,
             batch=size,
-            axes=(m, n),
+            axes=hessian_basis_sizes(mode, m, n),
             result_bytes=m * n * n * _itemsize(obj.diff(obj.xs)),
             work_bytes=work,
             budget=budget,
         )
+        logger.debug("%s: %s", name, plan.describe())
         batch_chunk, (inner, outer) = plan.batch, plan.axes
     transform = hessian(
         obj.per_sample,
@@ -779,11 +784,12 @@ def per_sample_jacobian(
         plan = plan_chunks(
             name,
             batch=size,
-            axes=(n if mode == "fwd" else min(m, n),),
+            axes=(n if mode == "fwd" or (mode == "auto" and m > n) else m,),
             result_bytes=m * n * _itemsize(obj.diff(obj.xs)),
             work_bytes=work,
             budget=budget,
         )
+        logger.debug("%s: %s", name, plan.describe())
         batch_chunk, (basis,) = plan.batch, plan.axes
     transform = jacobian(
         obj.per_sample,

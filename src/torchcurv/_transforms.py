@@ -26,6 +26,7 @@ __all__ = [
     "check_hessian_chunk_size",
     "check_randomness",
     "hessian",
+    "hessian_basis_sizes",
     "hvp",
     "jacobian",
     "numel",
@@ -560,6 +561,21 @@ _STAGES = {
     "fwd-over-fwd": ("fwd", "fwd"),
     "auto": ("auto", "fwd"),
 }
+
+
+def hessian_basis_sizes(mode: str, n_out: int, n_in: int) -> tuple[int, int]:
+    """How many basis vectors the two stages of `hessian` push: ``(inner, outer)``.
+
+    A reverse stage pushes one vector per output entry of the function it
+    differentiates, a forward stage one per input entry; the outer stage differentiates
+    the inner Jacobian, which has ``n_out * n_in`` entries.
+    """
+    inner_mode, outer_mode = _STAGES[mode]
+    if inner_mode == "auto":
+        inner_mode = "rev" if n_out <= n_in else "fwd"
+    inner = n_out if inner_mode == "rev" else n_in
+    outer = n_in if outer_mode == "fwd" else n_out * n_in
+    return inner, outer
 
 
 def hessian(

@@ -24,10 +24,11 @@ __all__ = [
     "assert_per_sample_matches_loop",
     "assert_symmetric",
     "assert_trees_close",
-    # strategies
-    "strategies",
     # hypothesis profiles
     "load_profile",
     "register_profiles",
+    # strategies
+    "strategies",
+    # the tolerance policy
     "tolerances",
 ]

@@ -1,12 +1,14 @@
 """Hypothesis strategies for curvature code: dtypes, modes, chunk sizes, test functions
 with closed-form Hessians, small networks and their inputs.
 
-Designed like `hypothesis.extra.numpy`: every argument is keyword-only, takes a value
-or a strategy of values, has a small default, and a bad one raises
-`hypothesis.errors.InvalidArgument` naming the function and the argument (when the
-strategy is built for values, when it is drawn for strategies). Everything is float64
-unless asked otherwise, tiny, and shrinks towards the simplest case: the smallest
-sizes, the first dtype, mode and kind listed, zero coefficients and inputs.
+Designed like `hypothesis.extra.numpy`: arguments are keyword-only (but for the basis
+size of `chunk_sizes` and the module of `inputs_for`), take a value or a strategy of
+values, and have small defaults. A bad argument raises
+`hypothesis.errors.InvalidArgument` naming the function and the argument: a value when
+the strategy is built, a value drawn from an argument strategy when it is drawn.
+Everything is float64 unless asked otherwise, tiny, and shrinks towards the simplest
+case: the smallest sizes, the first dtype, mode and kind listed, zero coefficients and
+inputs.
 
 Networks are built in eval mode, with weights made deterministically from a drawn seed
 (`torch.Generator`), and carry their per-sample input shape as ``module.input_shape``
@@ -211,10 +213,18 @@ def dtypes(
         return resolved
     if isinstance(allowed, (str, bytes)) or not isinstance(allowed, Sequence) or not allowed:
         raise _fail("dtypes", "allowed", allowed, "must be a non-empty sequence of dtypes")
-    return st.sampled_from([_check_dtype("dtypes", "allowed", d) for d in allowed])
+    for dtype in allowed:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise _fail(
+                "dtypes",
+                "allowed",
+                allowed,
+                f"has {dtype!r}, which is not a floating-point torch.dtype",
+            )
+    return st.sampled_from(list(allowed))
 
 
-def hessian_modes(*, auto: bool = True) -> SearchStrategy[str]:
+def hessian_modes(*, auto: bool | SearchStrategy[bool] = True) -> SearchStrategy[str]:
     """The `mode` values of `torchcurv.hessian`, shrinking towards the default.
 
     The four explicit modes (``"fwd-over-rev"``, ``"rev-over-rev"``,
@@ -224,7 +234,7 @@ def hessian_modes(*, auto: bool = True) -> SearchStrategy[str]:
         auto: Whether to include ``"auto"``.
 
     Returns:
-        A strategy of mode names.
+        A strategy of mode names, shrinking towards ``"fwd-over-rev"`` (the default).
 
     Raises:
         InvalidArgument: If `auto` is not a bool.
@@ -241,11 +251,14 @@ def hessian_modes(*, auto: bool = True) -> SearchStrategy[str]:
         ...     assert torch.allclose(H, torch.diag(x.exp()))
         >>> test_modes_agree()
     """
+    resolved = _resolve(lambda auto: hessian_modes(auto=auto), {"auto": auto})
+    if resolved is not None:
+        return resolved
     _check_bool("hessian_modes", "auto", auto)
     return st.sampled_from([m for m in HESSIAN_MODES if auto or m != "auto"])
 
 
-def jacobian_modes(*, auto: bool = True) -> SearchStrategy[str]:
+def jacobian_modes(*, auto: bool | SearchStrategy[bool] = True) -> SearchStrategy[str]:
     """The `mode` values of `torchcurv.jacobian`: ``"rev"``, ``"fwd"`` and ``"auto"``.
 
     Args:
@@ -265,6 +278,9 @@ def jacobian_modes(*, auto: bool = True) -> SearchStrategy[str]:
         >>> find(jacobian_modes(auto=False), lambda mode: mode != "rev")
         'fwd'
     """
+    resolved = _resolve(lambda auto: jacobian_modes(auto=auto), {"auto": auto})
+    if resolved is not None:
+        return resolved
     _check_bool("jacobian_modes", "auto", auto)
     return st.sampled_from([m for m in JACOBIAN_MODES if auto or m != "auto"])
 
