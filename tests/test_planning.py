@@ -137,7 +137,6 @@ def test_measured_peak_stays_within_the_budget() -> None:
         ("rev-over-rev", (1, 8)),
         ("rev-over-fwd", (8, 8)),
         ("fwd-over-fwd", (8, 8)),
-        ("auto", (1, 8)),
     ],
 )
 def test_plans_cover_each_stage_basis_so_a_fitting_call_is_not_chunked(
@@ -147,3 +146,20 @@ def test_plans_cover_each_stage_basis_so_a_fitting_call_is_not_chunked(
     with caplog.at_level("DEBUG", logger="torchcurv"):
         torchcurv.per_sample_hessian(model, torch.randn(3, 8), output=0, mode=mode)
     assert f"batch chunk 3, basis chunks {axes}" in caplog.text
+
+
+def test_auto_takes_the_structured_path_only_where_it_applies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(2 * 4 * 4, 1))
+    with caplog.at_level("DEBUG", logger="torchcurv"):
+        H = torchcurv.per_sample_hessian(mlp, torch.randn(128, 8), output=0)
+    assert "mode='auto' chose 'structured'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="torchcurv"):
+        torchcurv.per_sample_hessian(cnn, torch.randn(2, 1, 6, 6), output=0)
+        torchcurv.per_sample_hessian(mlp, torch.randn(4, 8), wrt="params", output=0)
+    assert "chose 'structured'" not in caplog.text
+    assert H.shape == (128, 8, 8)

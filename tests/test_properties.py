@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -244,3 +245,54 @@ def test_float32_agrees_with_float64(model: nn.Module, data: Any) -> None:
     model.float()
     assert H32.dtype == torch.float32
     assert_trees_close(H32, H64.float())
+
+
+@given(tcs.mlps(activations=("tanh", "sigmoid", "softplus", "gelu", "silu", "relu")), st.data())
+def test_structured_path_equals_the_generic_path(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model), label="X")
+    m = model(X[:1]).shape[-1]
+    kind = data.draw(
+        st.sampled_from(["all", "int", "slice", "cross_entropy", "mse"]), label="objective"
+    )
+    kwargs: dict[str, Any] = {
+        "all": {},
+        "int": {"output": data.draw(st.integers(0, m - 1), label="output")},
+        "slice": {"output": slice(0, data.draw(st.integers(1, m), label="stop"))},
+        "cross_entropy": {"loss": F.cross_entropy, "targets": torch.randint(0, m, (X.shape[0],))},
+        "mse": {"loss": F.mse_loss, "targets": torch.randn(X.shape[0], m, dtype=X.dtype)},
+    }[kind]
+    chunk = data.draw(st.sampled_from(["auto", None, 1, (2, None, None)]), label="chunk_size")
+    structured = torchcurv.per_sample_hessian(
+        model, X, mode="structured", chunk_size=chunk, **kwargs
+    )
+    generic = torchcurv.per_sample_hessian(model, X, mode="fwd-over-rev", **kwargs)
+    assert_trees_close(structured, generic)
+
+
+def test_structured_mode_refuses_what_it_cannot_compute() -> None:
+    cnn = nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.Linear(16, 1)).double()
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X = torch.randn(2, 3, dtype=D)
+    for call, reason in [
+        (
+            lambda: torchcurv.per_sample_hessian(
+                cnn, torch.randn(2, 1, 6, 6, dtype=D), mode="structured"
+            ),
+            r"layer 0 \(Conv2d\) is not supported",
+        ),
+        (
+            lambda: torchcurv.per_sample_hessian(mlp, X, wrt="params", mode="structured"),
+            r"inputs only, got wrt='params'",
+        ),
+        (
+            lambda: torchcurv.per_sample_hessian(
+                mlp, X, output=lambda o: o.sum(), mode="structured"
+            ),
+            r"output must be None",
+        ),
+    ]:
+        with pytest.raises(
+            torchcurv.UnsupportedModuleError,
+            match=r"per_sample_hessian: mode='structured' cannot be used here: " + reason,
+        ):
+            call()

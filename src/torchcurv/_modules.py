@@ -18,12 +18,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._batching import BATCH_RANDOMNESS, check_batch_chunk_size, run_chunked
 from ._errors import TorchcurvError, UnsupportedModuleError, argument_error, describe
 from ._planning import WORK_PER_FORWARD, count_allocations, parse_budget, plan_chunks
+from ._structured import (
+    prefer_structured,
+    structured_cost,
+    structured_input_hessian,
+    unsupported_layer,
+)
 from ._transforms import (
     HESSIAN_MODES,
     JACOBIAN_MODES,
@@ -485,11 +492,10 @@ class _Objective:
     def args(self) -> tuple[Any, Any, Any]:
         return self.diff(self.xs), self.xs if self.wrt == "params" else None, self.targets
 
-    def signature(self, mode: str, order: int) -> tuple[Any, ...]:
+    def signature(self, order: int) -> tuple[Any, ...]:
         """What the working memory of one sample depends on (not parameter values)."""
         return (
             self.wrt,
-            mode,
             order,
             tuple((n, tuple(p.shape), p.dtype) for n, p in self.params.items()),
             tuple((tuple(x.shape[1:]), x.dtype) for x in self.xs),
@@ -510,14 +516,14 @@ class _Objective:
 # planning for module-level calls
 # --------------------------------------------------------------------------------------
 
-_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], tuple[int, int]]] = (
-    weakref.WeakKeyDictionary()
-)
+_PROBES: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[Any, ...], tuple[int, tuple[int, ...]]]
+] = weakref.WeakKeyDictionary()
 
 
-def _probe(obj: _Objective, mode: str, order: int) -> tuple[int, int]:
-    """``(work, m)``: working bytes of one basis vector of one sample, and the number of
-    entries of the differentiated output.
+def _probe(obj: _Objective, order: int) -> tuple[int, tuple[int, ...]]:
+    """``(work, shape)``: working bytes of one basis vector of one sample, and the shape
+    of the differentiated output of one sample.
 
     The work is `WORK_PER_FORWARD` ``[order]`` times the bytes the operators of one
     single-sample forward allocate (see `torchcurv._planning`). Cached per module and
@@ -525,13 +531,13 @@ def _probe(obj: _Objective, mode: str, order: int) -> tuple[int, int]:
     changes the dropout masks of the real computation.
     """
     cache = _PROBES.setdefault(obj.module, {})
-    key = obj.signature(mode, order)
+    key = obj.signature(order)
     if key not in cache:
         diff, xs, target = obj.sample(0)
         devices = sorted({x.device.index or 0 for x in obj.xs if x.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             forward, out = count_allocations(obj.per_sample, diff, xs, target)
-        cache[key] = (WORK_PER_FORWARD[order] * max(forward, 1), out.numel())
+        cache[key] = (WORK_PER_FORWARD[order] * max(forward, 1), tuple(out.shape))
     return cache[key]
 
 
@@ -659,8 +665,7 @@ def per_sample_hessian(
         True
     """
     name = "per_sample_hessian"
-    modes = HESSIAN_MODES
-    _check_mode(name, mode, modes)
+    _check_mode(name, mode, (*HESSIAN_MODES, "structured"))
     batch_chunk, (inner, outer) = _check_module_chunk(name, chunk_size, memory_budget, 2)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
     obj = _Objective(
@@ -676,15 +681,30 @@ def per_sample_hessian(
     )
     _check_layers(name, module, randomness)
     size = obj.batch_size()
+    obstacle = _structured_obstacle(obj) if mode in ("auto", "structured") else None
+    if mode == "structured" and obstacle is not None:
+        raise UnsupportedModuleError(
+            f"{name}: mode='structured' cannot be used here: {obstacle}. Pass mode='auto' "
+            "(which takes the generic path when the structured one does not apply) or a "
+            "generic mode such as mode='fwd-over-rev'."
+        )
+    work, out_shape = _probe(obj, 2) if "auto" in (mode, batch_chunk) else (0, ())
+    m, n, itemsize = math.prod(out_shape), _numel(obj.sample(0)[0]), _itemsize(obj.diff(obj.xs))
+    if mode == "auto":
+        structured = obstacle is None and prefer_structured(
+            module, tuple(obj.xs[0].shape), n_outputs_selected=m, dtype_bytes=itemsize
+        )
+        mode = "structured" if structured else "fwd-over-rev"
+        logger.debug("%s: mode='auto' chose %r", name, mode)
+    if mode == "structured":
+        return _structured_hessians(name, obj, batch_chunk, memory_budget, out_shape)
     if batch_chunk == "auto":
-        work, m = _probe(obj, mode, 2)
-        n = _numel(obj.sample(0)[0])
         budget = parse_budget(name, memory_budget, obj.xs[0].device)
         plan = plan_chunks(
             name,
             batch=size,
             axes=hessian_basis_sizes(mode, m, n),
-            result_bytes=m * n * n * _itemsize(obj.diff(obj.xs)),
+            result_bytes=m * n * n * itemsize,
             work_bytes=work,
             budget=budget,
         )
@@ -705,6 +725,70 @@ def per_sample_hessian(
         randomness=randomness,
         chunk=batch_chunk,
     )
+
+
+def _structured_obstacle(obj: _Objective) -> str | None:
+    """Why the structured path cannot compute this objective, or None if it can."""
+    if obj.wrt != "inputs":
+        return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
+    if not obj.single or obj.kwargs:
+        return "the module must take one input tensor and no keyword arguments"
+    if isinstance(obj.output, bool) or not (
+        obj.output is None or isinstance(obj.output, (int, slice))
+    ):
+        return f"output must be None, an int or a slice, got {describe(obj.output)}"
+    if obj.loss is not None and obj.loss not in (F.cross_entropy, F.mse_loss):
+        return "loss must be torch.nn.functional.cross_entropy or mse_loss"
+    for path, layer in obj.module.named_modules():
+        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0:
+            return f"{type(layer).__name__} at {path!r} is in training mode"
+    return unsupported_layer(obj.module)
+
+
+def _structured_hessians(
+    function: str,
+    obj: _Objective,
+    batch_chunk: Any,
+    memory_budget: Any,
+    out_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """`per_sample_hessian` by Hessian backpropagation (`torchcurv._structured`)."""
+    X = obj.xs[0]
+    size, features = X.shape[0], tuple(X.shape[1:])
+    if not out_shape:  # no probe ran (explicit chunk sizes): one forward gives the shape
+        with torch.no_grad():
+            out_shape = tuple(obj.per_sample(*obj.sample(0)).shape)
+    m, n, itemsize = math.prod(out_shape), math.prod(features), X.element_size()
+    if batch_chunk == "auto":
+        cost = structured_cost(
+            obj.module, tuple(X.shape), n_outputs_selected=m, dtype_bytes=itemsize
+        )
+        plan = plan_chunks(
+            function,
+            batch=size,
+            axes=(),
+            result_bytes=m * n * n * itemsize,
+            work_bytes=int(cost["structured_bytes"] / size) + 1,
+            budget=parse_budget(function, memory_budget, X.device),
+        )
+        logger.debug("%s (structured): %s", function, plan.describe())
+        batch_chunk = plan.batch
+    step = size if batch_chunk is None else batch_chunk
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, size, step):
+            targets = None if obj.targets is None else obj.targets[start : start + step]
+            pieces.append(
+                structured_input_hessian(
+                    obj.module,
+                    X[start : start + step],
+                    output=obj.output,  # type: ignore[arg-type]
+                    loss=obj.loss,
+                    targets=targets,
+                )
+            )
+    result = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return result.reshape(size, *out_shape, *features, *features)
 
 
 def per_sample_jacobian(
@@ -777,14 +861,17 @@ def per_sample_jacobian(
     )
     _check_layers(name, module, randomness)
     size = obj.batch_size()
+    if "auto" in (mode, batch_chunk):
+        work, shape = _probe(obj, 1)
+        m, n = math.prod(shape), _numel(obj.sample(0)[0])
+        if mode == "auto":  # decided here, so the vectorised call wastes no trial run
+            mode = "rev" if m <= n else "fwd"
     if batch_chunk == "auto":
-        work, m = _probe(obj, mode, 1)
-        n = _numel(obj.sample(0)[0])
         budget = parse_budget(name, memory_budget, obj.xs[0].device)
         plan = plan_chunks(
             name,
             batch=size,
-            axes=(n if mode == "fwd" or (mode == "auto" and m > n) else m,),
+            axes=(n if mode == "fwd" else m,),
             result_bytes=m * n * _itemsize(obj.diff(obj.xs)),
             work_bytes=work,
             budget=budget,
