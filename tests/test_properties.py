@@ -293,6 +293,6 @@ def test_structured_mode_refuses_what_it_cannot_compute() -> None:
     ]:
         with pytest.raises(
             torchcurv.UnsupportedModuleError,
-            match=r"per_sample_hessian: mode='structured' cannot be used here: " + reason,
+            match=r"per_sample_hessian: mode='structured' cannot be used here: .*" + reason,
         ):
             call()
