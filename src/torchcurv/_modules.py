@@ -630,8 +630,14 @@ def per_sample_hessian(
         params: Which parameters (``wrt="params"``/``"both"``): names, glob patterns,
             a predicate or a dict; see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
-        mode: A `torchcurv.hessian` mode; ``"auto"`` (default) lets the inner stage
-            pick reverse or forward mode by the output size.
+        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"`` (default).
+            ``"structured"`` computes input Hessians of ``nn.Sequential`` stacks of
+            ``Linear`` layers and elementwise activations exactly by Hessian
+            backpropagation (``H = sum_l J_l^T diag(sigma_l'' g_l) J_l``, plus the loss
+            curvature for ``F.cross_entropy`` / ``F.mse_loss``), without ``n``
+            Hessian-vector products; it raises for anything else. ``"auto"`` takes the
+            structured path where it applies and a cost model (FLOPs and memory of both
+            paths for these shapes) predicts it faster, otherwise ``"fwd-over-rev"``.
         chunk_size: ``"auto"`` (plan from `memory_budget`), None (no chunking), an int
             (samples per chunk) or ``(batch, inner, outer)``.
         memory_budget: Bytes or a size such as ``"2GiB"``; default half the available
