@@ -152,8 +152,12 @@ def test_auto_takes_the_structured_path_only_where_it_applies(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(),
-                              torch.nn.Linear(2 * 4 * 4, 1))
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 1),
+    )
     with caplog.at_level("DEBUG", logger="torchcurv"):
         H = torchcurv.per_sample_hessian(mlp, torch.randn(128, 8), output=0)
     assert "mode='auto' chose 'structured'" in caplog.text
