@@ -114,11 +114,12 @@ def test_budgeted_results_equal_unchunked_results() -> None:
     not Path("/proc/self/clear_refs").exists(),
     reason="peak RSS is measured through Linux's /proc/self/clear_refs",
 )
-def test_measured_peak_stays_within_the_budget() -> None:
+@pytest.mark.parametrize("mode", ["fwd-over-rev", "auto"])
+def test_measured_peak_stays_within_the_budget(mode: str) -> None:
     script = Path(__file__).parent / "scripts" / "measure_peak.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(script), "256", "256"],
+        [sys.executable, str(script), "256", "256", mode],
         capture_output=True,
         text=True,
         env=env,

@@ -52,7 +52,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def main() -> None:
-    width, batch = int(sys.argv[1]), int(sys.argv[2])
+    width, batch, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, width),
@@ -62,11 +62,11 @@ def main() -> None:
         torch.nn.Linear(width, 1),
     ).eval()
     X = torch.randn(batch, 64)
-    whole = lambda: torchcurv.per_sample_hessian(model, X, chunk_size=None)  # noqa: E731
+    whole = lambda: torchcurv.per_sample_hessian(model, X, chunk_size=None, mode=mode)  # noqa: E731
     whole()  # warm-up: lazy initialisation, kernel choice
     peak, t_whole, expected = measure(whole)
     budget = peak // 2
-    budgeted = lambda: torchcurv.per_sample_hessian(model, X, memory_budget=budget)  # noqa: E731
+    budgeted = lambda: torchcurv.per_sample_hessian(model, X, memory_budget=budget, mode=mode)  # noqa: E731
     budgeted()  # the first call probes the model (cached afterwards)
     peak_b, t_budget, result = measure(budgeted)
     print(
