@@ -42,7 +42,8 @@ def _truthy(value: str | None) -> bool:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    install_project(session, "test")
+    # demo and docs too: their tests (the demo, the docs' API coverage) must run, not skip.
+    install_project(session, "test,demo,docs")
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     env = {"HYPOTHESIS_PROFILE": "dev"}
     if _truthy(os.environ.get("CI")):
