@@ -715,7 +715,7 @@ def per_sample_hessian(
         mode = "structured" if structured else "fwd-over-rev"
         logger.debug("%s: mode='auto' chose %r", name, mode)
     if mode == "structured":
-        return _structured_hessians(name, obj, batch_chunk, memory_budget, out_shape, work)
+        return _structured_hessians(name, obj, batch_chunk, memory_budget, out_shape)
     if batch_chunk == "auto":
         budget = parse_budget(name, memory_budget, obj.xs[0].device)
         plan = plan_chunks(
@@ -769,13 +769,11 @@ def _structured_hessians(
     batch_chunk: Any,
     memory_budget: Any,
     out_shape: tuple[int, ...],
-    work: int,
 ) -> torch.Tensor:
     """`per_sample_hessian` by Hessian backpropagation (`torchcurv._structured`).
 
-    The memory plan takes the larger of the structured path's own estimate and the
-    generic model's ``n`` basis vectors of `work` bytes per sample: measured peaks stay
-    under the latter, the former is a rough count of its intermediates.
+    The memory plan counts twice the structured path's own estimate of its
+    intermediates per sample: measured peaks exceeded the estimate alone by up to 20%.
     """
     X = obj.xs[0]
     size, features = X.shape[0], tuple(X.shape[1:])
@@ -792,7 +790,7 @@ def _structured_hessians(
             batch=size,
             axes=(),
             result_bytes=m * n * n * itemsize,
-            work_bytes=max(int(cost["structured_bytes"] / size) + 1, n * work),
+            work_bytes=2 * int(cost["structured_bytes"] / size) + 1,
             budget=parse_budget(function, memory_budget, X.device),
         )
         logger.debug("%s (structured): %s", function, plan.describe())
