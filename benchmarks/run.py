@@ -285,7 +285,7 @@ class CpuMeter:
         except (OSError, ValueError):
             return None
         busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-        own = sum(os.times()[:2])
+        own = sum(os.times()[:4])  # this process and its finished children
         return busy / os.sysconf("SC_CLK_TCK"), own, time.perf_counter()
 
     def others(self) -> float | None:
@@ -972,8 +972,8 @@ def header(
         "eval mode; for input Hessians the parameters have `requires_grad=False`, so no "
         "method records a graph towards them.",
         "- **First call**: the first call on this model and shape, before the warm-up. For "
-        "torchcurv it includes the memory probe (one HVP under an allocation counter) that "
-        "is cached per model and shape. Process-wide one-time costs (torch's lazy "
+        "torchcurv it includes the memory probe (allocations of one single-sample forward) "
+        "that is cached per model and shape. Process-wide one-time costs (torch's lazy "
         "initialisation of forward-mode AD and vmap) were paid by a global warm-up on a tiny "
         "model before the first workload.",
         "- **Slow loops**: the loop methods may be timed on the first `k` samples; their "
