@@ -1,6 +1,6 @@
 """Calibrate the structured-Hessian cost model against measured CPU timings.
 
-Times :func:`torchcurv._structured.structured_input_hessian` against
+Times :func:`torchcurv.engines.structured.structured_input_hessian` against
 ``torch.vmap(torch.func.hessian(f))`` (float32, median of several interleaved runs after
 warm-up, default thread count, under ``torch.no_grad()`` with parameters that do not require
 grad) on a few tanh MLPs, and prints a markdown table with the time ratios (of medians, and
@@ -8,7 +8,7 @@ of minima, which are more robust on a shared machine), the cost model's predicte
 whether the prediction picked the faster path (by median time).
 
 ``--fit`` additionally times both paths on a grid of shapes and fits the machine constants of
-the cost model (``_ELEM_COST``, ``_BMM_COST``, ``_OP_COST_*`` in ``torchcurv/_structured.py``)
+the cost model (``_ELEM_COST``, ``_BMM_COST``, ``_OP_COST_*`` in ``torchcurv/engines/structured.py``)
 by non-negative least squares on relative errors; paste the printed values there.
 
 Usage::
@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 try:
-    from torchcurv import _structured as st
+    from torchcurv.engines import structured as st
 except ImportError:  # a source checkout without an installed package
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
-    from torchcurv import _structured as st
+    from torchcurv.engines import structured as st
 
 # (label, widths, batch size, selected outputs)
 Case = tuple[str, list[int], int, int]

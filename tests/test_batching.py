@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchcurv
+from torchcurv._runner import seeded
 from torchcurv import reference
 from torchcurv.testing import assert_per_sample_matches_loop, assert_trees_close
 
@@ -76,30 +77,56 @@ def dropout_model() -> nn.Module:
 
 @pytest.mark.parametrize("chunk", [None, (None, 1, 1), (None, None, 3)], ids=str)
 @pytest.mark.parametrize("mode", ["fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd"])
-def test_randomness_different_equals_a_seeded_loop(mode: str, chunk: Any) -> None:
+def test_randomness_different_equals_a_loop_seeded_by_sample_index(mode: str, chunk: Any) -> None:
     model, X = dropout_model(), torch.randn(5, 3, dtype=D)
     torch.manual_seed(7)
     H = torchcurv.per_sample_hessian(model, X, randomness="different", mode=mode, chunk_size=chunk)
-    # The seeded loop draws the same masks: one draw of shape (B, 1, 8), a batch of one
-    # per sample, then each sample's Hessian with its mask held fixed.
+    # The rule: one seed s drawn from the global generator; sample i draws its mask from
+    # a generator seeded by (s, i), and every row of its Hessian sees that mask.
     torch.manual_seed(7)
-    masks = F.dropout(torch.ones(5, 1, 8, dtype=D), 0.5, training=True)
+    s = int(torch.randint(0, 2**62, ()))
     first, last = model[0], model[3]
     for i in range(5):
-        expected = reference.hessian(lambda x, i=i: last(torch.tanh(first(x)) * masks[i, 0]))(X[i])
+        with seeded(s, i, []):
+            mask = F.dropout(torch.ones(1, 8, dtype=D), 0.5, training=True)[0]
+        expected = reference.hessian(lambda x, m=mask: last(torch.tanh(first(x)) * m))(X[i])
         assert_trees_close(H[i], expected)
     assert model.training  # untouched
 
 
-def test_randomness_same_gives_every_sample_one_mask() -> None:
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_randomness_does_not_depend_on_the_chunking(randomness: str) -> None:
+    model, X = dropout_model(), torch.randn(6, 3, dtype=D)
+    results = []
+    for chunk in [None, 1, 2, (4, 1, 3), (None, 2, None)]:
+        torch.manual_seed(3)
+        results.append(
+            torchcurv.per_sample_hessian(model, X, randomness=randomness, chunk_size=chunk)
+        )
+    for other in results[1:]:
+        assert_trees_close(other, results[0])  # the same masks; rounding may differ
+
+
+def test_randomness_same_gives_every_sample_one_mask_whatever_the_chunking() -> None:
     model = dropout_model()
     X = torch.randn(1, 3, dtype=D).expand(4, 3)
-    H = torchcurv.per_sample_hessian(model, X, randomness="same", chunk_size=(None, 1, 2))
-    for i in range(1, 4):
-        assert torch.equal(H[i], H[0])
+    for chunk in [(None, 1, 2), 2, 1, (3, None, None)]:
+        H = torchcurv.per_sample_hessian(model, X, randomness="same", chunk_size=chunk)
+        for i in range(1, 4):
+            assert torch.equal(H[i], H[0])
     torch.manual_seed(1)
     different = torchcurv.per_sample_hessian(model, X, randomness="different")
     assert not all(torch.equal(different[i], different[0]) for i in range(1, 4))
+
+
+def test_randomness_advances_the_global_generator_by_one_draw() -> None:
+    model, X = dropout_model(), torch.randn(3, 3, dtype=D)
+    torch.manual_seed(5)
+    torchcurv.per_sample_hessian(model, X, randomness="different")
+    after_call = torch.rand(())
+    torch.manual_seed(5)
+    torch.randint(0, 2**62, ())
+    assert torch.equal(after_call, torch.rand(()))
 
 
 def test_randomness_error_on_functional_dropout() -> None:

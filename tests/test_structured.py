@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import torchcurv._structured as structured_module
+import torchcurv.engines.structured as structured_module
 from torchcurv._errors import UnsupportedModuleError
-from torchcurv._structured import (
+from torchcurv.engines.structured import (
     prefer_structured,
     structured_cost,
     structured_input_hessian,

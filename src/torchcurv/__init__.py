@@ -1,17 +1,19 @@
 """torchcurv: per-sample Jacobians and Hessians for PyTorch, built on torch.func."""
 
 from . import reference as reference
-from ._batching import per_sample as per_sample
 from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import TorchcurvError as TorchcurvError
 from ._errors import TorchcurvFallbackWarning as TorchcurvFallbackWarning
 from ._errors import UnsupportedModuleError as UnsupportedModuleError
 from ._layout import from_matrix as from_matrix
 from ._layout import to_matrix as to_matrix
+from ._modules import Decision as Decision
 from ._modules import batch_hessian as batch_hessian
+from ._modules import explain as explain
 from ._modules import functional as functional
 from ._modules import per_sample_hessian as per_sample_hessian
 from ._modules import per_sample_jacobian as per_sample_jacobian
+from ._runner import per_sample as per_sample
 from ._transforms import hessian as hessian
 from ._transforms import hvp as hvp
 from ._transforms import jacobian as jacobian
@@ -20,6 +22,9 @@ from ._transforms import vhp as vhp
 __version__ = "0.1.0"
 
 __all__ = [
+    # decisions
+    "Decision",
+    "explain",
     # errors
     "MemoryBudgetError",
     "TorchcurvError",

@@ -1,605 +1,276 @@
-"""nn.Modules as pure functions, and their per-sample and batch-level derivatives.
+"""Public per-sample API: objective -> engine -> plan -> run.
 
-`functional` turns a module into ``fn(params, *args, **kwargs)`` through
-`torch.func.functional_call`. The module-level transforms build one objective for a
-single sample, ``objective(diff, inputs, target)``, differentiate it with
-`torchcurv.jacobian` / `torchcurv.hessian` and batch it with `per_sample` (or, at batch
-level, apply it to the whole batch). The user's module is never modified: parameters
-and buffers are passed as detached copies and the training flag is left alone.
+Every module-level function builds the per-sample `torchcurv._objective.Objective`,
+chooses an engine with `torchcurv.engines.choose` (the one ``"auto"`` rule), plans
+chunk sizes within the memory budget from measurements of the real derivative
+(`torchcurv._memory`), and runs the batch with `torchcurv._runner.run_batches`.
+`explain` stops before the last step and says what would happen.
+
+Grad mode: with ``create_graph=False`` inputs and parameters are detached, so nothing
+is recorded and the call works under `torch.no_grad` and `torch.inference_mode`; with
+``create_graph=True`` the module's own parameters and the caller's inputs are used, so
+the results carry gradients to them.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import math
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from ._batching import BATCH_RANDOMNESS, check_batch_chunk_size, run_chunked
-from ._errors import TorchcurvError, UnsupportedModuleError, argument_error, describe
-from ._planning import WORK_PER_FORWARD, count_allocations, parse_budget, plan_chunks
-from ._structured import (
-    prefer_structured,
-    structured_cost,
-    structured_input_hessian,
-    unsupported_layer,
+from ._checks import (
+    check_flag,
+    check_layers,
+    check_mode,
+    check_module_chunk,
+    check_randomness,
 )
-from ._transforms import (
+from ._compat import tree_flatten
+from ._errors import TorchcurvError, argument_error
+from ._functional import functional as functional
+from ._memory import Plan, fit, measure_peak, parse_budget, plan
+from ._objective import Objective, label, numel, per_sample_objective
+from ._runner import run_batches
+from ._transforms import hessian, probing
+from ._types import (
+    BATCH_RANDOMNESS,
     HESSIAN_MODES,
     JACOBIAN_MODES,
-    _check_mode,
-    check_chunk_size,
-    check_randomness,
-    hessian,
-    hessian_basis_sizes,
-    jacobian,
+    LossFunction,
+    ModuleChunk,
+    OutputSelection,
+    ParamSelection,
+    Wrt,
 )
+from .engines import Engine, Request, choose
 
 logger = logging.getLogger("torchcurv")
 
-__all__ = ["batch_hessian", "functional", "per_sample_hessian", "per_sample_jacobian"]
-
-ParamSelection = (
-    None | str | Sequence[str] | Callable[[str, torch.Tensor], bool] | Mapping[str, torch.Tensor]
-)
-Wrt = Literal["inputs", "params", "both"]
-OutputSelection = None | int | slice | tuple[Any, ...] | Callable[[Any], torch.Tensor]
-LossFunction = Callable[[Any, torch.Tensor], torch.Tensor]
-ModuleChunk = int | Literal["auto"] | tuple[int | None, int | None, int | None] | None
-
-WRT: tuple[str, ...] = ("inputs", "params", "both")
+__all__ = [
+    "Decision",
+    "batch_hessian",
+    "explain",
+    "functional",
+    "per_sample_hessian",
+    "per_sample_jacobian",
+]
 
 
 # --------------------------------------------------------------------------------------
-# module -> pure function
+# the flow of a module-level call
 # --------------------------------------------------------------------------------------
 
 
-def _check_module(function: str, module: Any) -> None:
-    if not isinstance(module, nn.Module):
-        argument_error(
-            function,
-            "module",
-            "must be a torch.nn.Module",
-            module,
-            "Pass the model itself, e.g. torchcurv.functional(model).",
-        )
+@dataclass(frozen=True)
+class Decision:
+    """What a module-level call will do, from `torchcurv.explain`.
 
-
-def _select_names(function: str, module: nn.Module, params: Any) -> list[str]:
-    named = dict(module.named_parameters())
-    available = ", ".join(named) or "(none)"
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-        if not names:
-            argument_error(
-                function,
-                "params",
-                "selected nothing: the module has no trainable parameters",
-                params,
-                f"Name parameters explicitly; available: {available}.",
-            )
-        return names
-    if callable(params) and not isinstance(params, (str, Mapping)):
-        names = [n for n, p in named.items() if params(n, p)]
-        if not names:
-            argument_error(
-                function,
-                "params",
-                "is a predicate that matched no parameter",
-                params,
-                f"Available parameters: {available}.",
-            )
-        return names
-    if isinstance(params, Mapping):
-        patterns: Sequence[Any] = list(params.keys())
-    elif isinstance(params, str):
-        patterns = [params]
-    elif isinstance(params, (list, tuple)):
-        patterns = params
-    else:
-        argument_error(
-            function,
-            "params",
-            "must be None, names, glob patterns, a dict of "
-            "tensors or a predicate (name, tensor) -> bool",
-            params,
-            'Pass e.g. params=["fc2.*"] or params=lambda n, p: n.endswith("bias").',
-        )
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        argument_error(
-            function,
-            "params",
-            "must list parameter names or glob patterns (str)",
-            params,
-            "Pass names, e.g. [name for name, _ in "
-            f"model.named_parameters()] or ['fc2.*']; available: {available}.",
-        )
-    names = []
-    for pattern in patterns:
-        matched = [n for n in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            argument_error(
-                function,
-                "params",
-                "names a parameter or pattern that matches nothing",
-                pattern,
-                f"Available parameters: {available}.",
-            )
-        names.extend(n for n in matched if n not in names)
-    return [n for n in named if n in names]
-
-
-def functional(
-    module: nn.Module, params: ParamSelection = None
-) -> tuple[Callable[..., Any], dict[str, torch.Tensor]]:
-    """A module as a pure function of the selected parameters.
-
-    ``fn(params, *args, **kwargs)`` runs ``module(*args, **kwargs)`` through
-    `torch.func.functional_call` with `params` in place of the selected parameters.
-    Buffers and unselected parameters are held fixed at their current values. Tied
-    weights stay tied: a shared tensor is one entry, under its first name.
-
-    Args:
-        module: The model. It is never modified.
-        params: Which parameters to differentiate: None (all with
-            ``requires_grad=True``), a name or glob pattern (``"fc2.*"``,
-            ``"*.bias"``), a list of them, a predicate ``(name, tensor) -> bool``, or a
-            dict ``{name: tensor}`` that also gives their values.
-
-    Returns:
-        ``(fn, params)``: the function and detached copies of the selected parameters
-        (insertion order of ``named_parameters()``).
-
-    Raises:
-        TorchcurvError: If a name or pattern matches nothing (the message lists the
-            available names), or `params` is of the wrong type.
-
-    Example:
-        >>> import torch, torchcurv
-        >>> model = torch.nn.Linear(3, 1).double()
-        >>> fn, params = torchcurv.functional(model, params="weight")
-        >>> list(params)
-        ['weight']
-        >>> x = torch.ones(1, 3, dtype=torch.float64)
-        >>> H = torchcurv.hessian(lambda p: (fn(p, x) ** 2).sum())(params)
-        >>> torch.allclose(H["weight"]["weight"], 2 * torch.ones(1, 3, 1, 3, dtype=torch.float64))
-        True
+    Attributes:
+        function: The public function.
+        engine: The engine's name (``"structured"``, ``"fwd-over-rev"``, ``"rev"``...).
+        why_engine: Why that engine.
+        batch_chunk: Samples per vectorised call (None: all at once).
+        basis_chunks: Basis vectors per call on each of the engine's axes.
+        basis_sizes: The sizes of those axes.
+        predicted_peak: Bytes the planner predicts above the memory in use (None when
+            the chunk sizes were given explicitly and nothing was measured).
+        budget: The memory budget in bytes (None when chunk sizes were given).
+        why_plan: Why those chunk sizes.
     """
-    name = "functional"
-    _check_module(name, module)
-    return _functional(name, module, params)
 
+    function: str
+    engine: str
+    why_engine: str
+    batch_chunk: int | None
+    basis_chunks: tuple[int | None, ...]
+    basis_sizes: tuple[int, ...]
+    predicted_peak: int | None
+    budget: int | None
+    why_plan: str
 
-def _functional(
-    function: str, module: nn.Module, params: ParamSelection, *, select: bool = True
-) -> tuple[Callable[..., Any], dict[str, torch.Tensor]]:
-    """`functional` without the module check; ``select=False`` fixes every parameter."""
-    names = _select_names(function, module, params) if select else []
-    given = params if isinstance(params, Mapping) else {}
-    selected = {}
-    for n, p in module.named_parameters():
-        if n in names:
-            value = given.get(n, p)
-            if not isinstance(value, torch.Tensor):
-                argument_error(
-                    function,
-                    f"params[{n!r}]",
-                    "must be a tensor",
-                    value,
-                    "Pass {name: tensor} or names only.",
-                )
-            selected[n] = value.detach().clone()
-    fixed = {n: p.detach() for n, p in module.named_parameters() if n not in names}
-    fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
+    def __str__(self) -> str:
+        from ._memory import format_bytes
 
-    def fn(params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(
-            module, {**fixed, **params}, args, kwargs, tie_weights=True, strict=False
+        peak = "not measured" if self.predicted_peak is None else format_bytes(
+            self.predicted_peak
         )
-
-    return fn, selected
-
-
-# --------------------------------------------------------------------------------------
-# checks on modules, inputs and objectives
-# --------------------------------------------------------------------------------------
-
-
-def _check_layers(function: str, module: nn.Module, randomness: str) -> None:
-    for path, layer in module.named_modules():
-        where = f"{type(layer).__name__} at {path!r}" if path else type(layer).__name__
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
-            raise UnsupportedModuleError(
-                f"{function}: {where} is in training mode: its batch statistics couple the "
-                "samples and its running statistics would be updated. Call model.eval() "
-                "first (and model.train() afterwards if you are training)."
-            )
-        if (
-            isinstance(layer, nn.modules.dropout._DropoutNd)
-            and layer.training
-            and layer.p > 0
-            and randomness == "error"
-        ):
-            raise UnsupportedModuleError(
-                f"{function}: {where} is in training mode and randomness='error'. Call "
-                "model.eval() to switch dropout off, or pass randomness='different' (each "
-                "sample its own mask, shared by all rows of its derivative) or 'same'."
-            )
-
-
-def _as_inputs(
-    function: str, inputs: Any, need_float: bool
-) -> tuple[tuple[torch.Tensor, ...], bool]:
-    single = isinstance(inputs, torch.Tensor)
-    xs = (inputs,) if single else inputs
-    if not isinstance(xs, tuple) or not xs or not all(isinstance(x, torch.Tensor) for x in xs):
-        argument_error(
-            function,
-            "inputs",
-            "must be a tensor or a non-empty tuple of tensors (the module's positional arguments)",
-            inputs,
-            "Pass inputs=X, or inputs=(x1, x2) for a forward with several inputs.",
-        )
-    for x in xs:
-        if x.dim() == 0:
-            argument_error(
-                function,
-                "inputs",
-                "must have a leading batch dim",
-                x,
-                "Pass a batch, e.g. X of shape (B, ...); use x.unsqueeze(0) for one sample.",
-            )
-        if need_float and not x.is_floating_point():
-            argument_error(
-                function,
-                "inputs",
-                "must be floating-point to be differentiated",
-                x,
-                "Convert with X.double() or X.float(), or use wrt='params'.",
-            )
-    return xs, single
-
-
-def _check_objective(function: str, output: Any, loss: Any, targets: Any) -> None:
-    if loss is not None and not callable(loss):
-        argument_error(
-            function,
-            "loss",
-            "must be callable (out, target) -> scalar",
-            loss,
-            "Pass e.g. loss=torch.nn.functional.cross_entropy.",
-        )
-    if loss is not None and targets is None:
-        argument_error(
-            function,
-            "targets",
-            "must be given with loss=",
-            targets,
-            "Pass targets=Y with one target per sample.",
-        )
-    if loss is None and targets is not None:
-        argument_error(
-            function,
-            "loss",
-            "must be given with targets=",
-            loss,
-            "Pass loss=torch.nn.functional.cross_entropy (or any (out, y) -> scalar).",
-        )
-    if loss is not None and output is not None:
-        argument_error(
-            function,
-            "output",
-            "cannot be combined with loss=",
-            output,
-            "Pass output= to differentiate a model output, or loss= and targets= "
-            "to differentiate a loss.",
-        )
-    if targets is not None and not isinstance(targets, torch.Tensor):
-        argument_error(
-            function,
-            "targets",
-            "must be a tensor",
-            targets,
-            "Pass targets as a tensor with one entry per sample.",
-        )
-    if output is not None and not (callable(output) or isinstance(output, (int, slice, tuple))):
-        argument_error(
-            function,
-            "output",
-            "must be an int, a slice, an index tuple or a callable out -> tensor",
-            output,
-            "Pass output=2 for class 2's logit.",
-        )
-
-
-def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:
-    if output is None:
-        selected = out
-    elif callable(output):
-        selected = output(out)
-    elif isinstance(out, (tuple, list)) and isinstance(output, int):
-        selected = out[output]
-    else:
-        try:
-            selected = out[output]
-        except (IndexError, TypeError) as error:
-            shape = describe(out)
-            raise TorchcurvError(
-                f"{function}: output={output!r} cannot index the per-sample output {shape}: "
-                f"{error}. Use an index valid for one sample's output (batch dim removed)."
-            ) from None
-    if not isinstance(selected, torch.Tensor):
-        argument_error(
-            function,
-            "output",
-            "did not produce a tensor",
-            selected,
-            "Select a tensor, e.g. output=0 for the first element of a tuple "
-            "output, or output=lambda out: out['logits'].",
-        )
-    return selected
-
-
-def _drop_batch(function: str, out: Any) -> Any:
-    def first(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1:
-            argument_error(
-                function,
-                "module",
-                "must return outputs with a leading batch dim",
-                t,
-                "torchcurv feeds one sample as a batch of one; return (1, ...) "
-                "outputs, or wrap the module.",
-            )
-        return t[0]
-
-    return tree_map(first, out)
-
-
-def _loss_value(function: str, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        argument_error(
-            function,
-            "loss",
-            "must return a scalar (one-element) tensor",
-            value,
-            "Use a reduction such as reduction='mean' or 'sum'.",
-        )
-    return value.reshape(())
-
-
-class _Objective:
-    """A module and a choice of what to differentiate, as functions of one sample."""
-
-    def __init__(
-        self,
-        function: str,
-        module: nn.Module,
-        inputs: Any,
-        *,
-        wrt: Any,
-        params: ParamSelection,
-        output: OutputSelection,
-        loss: LossFunction | None,
-        targets: torch.Tensor | None,
-        kwargs: Mapping[str, Any] | None,
-    ) -> None:
-        _check_module(function, module)
-        if wrt not in WRT:
-            argument_error(
-                function,
-                "wrt",
-                "must be 'inputs', 'params' or 'both'",
-                wrt,
-                "Pass wrt='inputs' (input curvature) or wrt='params'.",
-            )
-        _check_objective(function, output, loss, targets)
-        if kwargs is not None and not isinstance(kwargs, Mapping):
-            argument_error(
-                function,
-                "kwargs",
-                "must be a dict of keyword arguments",
-                kwargs,
-                "Pass kwargs={'mask': mask}.",
-            )
-        self.function, self.module, self.wrt = function, module, wrt
-        self.output, self.loss, self.targets = output, loss, targets
-        self.kwargs = dict(kwargs or {})
-        self.xs, self.single = _as_inputs(function, inputs, wrt != "params")
-        if wrt == "inputs" and params is not None:
-            argument_error(
-                function,
-                "params",
-                "only applies with wrt='params' or wrt='both'",
-                params,
-                "Drop params=, or pass wrt='params'.",
-            )
-        self.fn, self.params = _functional(function, module, params, select=wrt != "inputs")
-
-    def diff(self, xs: tuple[Any, ...]) -> Any:
-        """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
-        x = xs[0] if self.single else xs
-        if self.wrt == "inputs":
-            return x
-        if self.wrt == "params":
-            return self.params
-        return {"inputs": x, "params": self.params}
-
-    def _split(self, diff: Any, xs: Any) -> tuple[Mapping[str, torch.Tensor], tuple[Any, ...]]:
-        if self.wrt == "inputs":
-            return self.params, (diff,) if self.single else tuple(diff)
-        if self.wrt == "params":
-            return diff, xs
-        x = diff["inputs"]
-        return diff["params"], (x,) if self.single else tuple(x)
-
-    def per_sample(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
-        """The objective of one sample (fed to the module as a batch of one)."""
-        params, xs = self._split(diff, xs)
-        out = self.fn(params, *(x.unsqueeze(0) for x in xs), **self.kwargs)
-        if self.loss is not None:
-            return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
-        return _select_output(self.function, _drop_batch(self.function, out), self.output)
-
-    def whole_batch(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
-        """The objective of the whole batch (the loss over all samples)."""
-        params, xs = self._split(diff, xs)
-        out = self.fn(params, *xs, **self.kwargs)
-        if self.loss is not None:
-            return _loss_value(self.function, self.loss(out, target))
-        return _select_output(self.function, out, self.output)
-
-    def batch_size(self) -> int:
-        sizes = {x.shape[0] for x in self.xs}
-        if self.targets is not None:
-            if self.targets.dim() == 0:
-                argument_error(
-                    self.function,
-                    "targets",
-                    "must have a leading batch dim",
-                    self.targets,
-                    "Pass one target per sample.",
-                )
-            sizes.add(self.targets.shape[0])
-        if len(sizes) != 1:
-            argument_error(
-                self.function,
-                "inputs",
-                "and targets must have the same batch size",
-                sorted(sizes),
-                "Pass one entry per sample in each.",
-            )
-        return int(sizes.pop())
-
-    def in_dims(self) -> tuple[Any, Any, Any]:
-        x_dims: Any = 0 if self.single else (0,) * len(self.xs)
-        diff_dims: Any = (
-            {"inputs": x_dims, "params": None}
-            if self.wrt == "both"
-            else (x_dims if self.wrt == "inputs" else None)
-        )
-        xs_dims = (0,) * len(self.xs) if self.wrt == "params" else None
-        return diff_dims, xs_dims, None if self.targets is None else 0
-
-    def args(self) -> tuple[Any, Any, Any]:
-        return self.diff(self.xs), self.xs if self.wrt == "params" else None, self.targets
-
-    def signature(self, order: int) -> tuple[Any, ...]:
-        """What the working memory of one sample depends on (not parameter values)."""
+        budget = "none" if self.budget is None else format_bytes(self.budget)
         return (
-            self.wrt,
-            order,
-            tuple((n, tuple(p.shape), p.dtype) for n, p in self.params.items()),
-            tuple((tuple(x.shape[1:]), x.dtype) for x in self.xs),
-            None if self.targets is None else (tuple(self.targets.shape[1:]), self.targets.dtype),
-            repr(self.output) if not callable(self.output) else id(self.output),
-            id(self.loss),
-            tuple(sorted(self.kwargs)),
+            f"{self.function}: engine {self.engine!r} ({self.why_engine}); batch chunk "
+            f"{self.batch_chunk}, basis chunks {self.basis_chunks} of {self.basis_sizes}; "
+            f"predicted peak {peak} of a {budget} budget ({self.why_plan})"
         )
 
-    def sample(self, index: int) -> tuple[Any, Any, Any]:
-        """``(diff, xs, target)`` of one sample, without its batch dim."""
-        xs = tuple(x[index] for x in self.xs)
-        target = None if self.targets is None else self.targets[index]
-        return self.diff(xs), xs if self.wrt == "params" else None, target
+
+@dataclass(frozen=True)
+class _Call:
+    request: Request
+    engine: Engine
+    decision: Decision
+    size: int
+
+
+@contextmanager
+def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
+    """Grad on, inference mode off, for the derivative; refuse create_graph without grad."""
+    check_flag(function, "create_graph", create_graph)
+    if create_graph and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()):
+        raise TorchcurvError(
+            f"{function}: create_graph=True needs grad mode, got a call under "
+            f"{'torch.inference_mode()' if torch.is_inference_mode_enabled() else 'torch.no_grad()'}"
+            ". Call it outside that context, or pass create_graph=False (the derivatives "
+            "are still computed, detached)."
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _out_shape(obj: Objective) -> tuple[int, ...]:
+    """Shape of one sample's differentiated output: one forward of a sample, RNG-neutral."""
+    diff, xs, target = obj.probe_sample()
+    with torch.random.fork_rng(devices=_devices(list(obj.xs))), torch.no_grad():
+        out = obj.per_sample(diff, xs, target)
+    return tuple(out.shape)
+
+
+def _prepare(
+    function: str,
+    module: nn.Module,
+    inputs: Any,
+    *,
+    order: int,
+    mode: str,
+    chunk_size: Any,
+    memory_budget: Any,
+    randomness: str,
+    create_graph: bool,
+    **what: Any,
+) -> _Call:
+    """Check, build the objective, choose the engine and plan: everything but the run."""
+    check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
+    batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, order)
+    randomness = check_randomness(function, randomness, BATCH_RANDOMNESS)
+    obj, size = per_sample_objective(
+        function, module, inputs, randomness, create_graph=create_graph, **what
+    )
+    request = Request(
+        function, obj, order, randomness, _out_shape(obj), numel(obj.probe_sample()[0])
+    )
+    engine, why_engine = choose(request, mode)
+    axes = engine.axes(request)
+    axis_chunks = axis_chunks[: len(axes)]
+    if batch_chunk != "auto":
+        decision = Decision(
+            function, engine.name, why_engine, batch_chunk, axis_chunks, axes, None, None,
+            "chunk sizes given",
+        )
+        return _Call(request, engine, decision, size)
+    budget = parse_budget(function, memory_budget, obj.xs[0].device)
+    chosen = _plan(request, engine, axes, size, budget)
+    decision = Decision(
+        function, engine.name, why_engine, chosen.batch, chosen.axes, axes,
+        chosen.predicted_peak, budget, chosen.reason,
+    )
+    logger.debug("%s", decision)
+    return _Call(request, engine, decision, size)
+
+
+def _run(call: _Call) -> Any:
+    request, decision = call.request, call.decision
+    obj = request.objective
+    work = call.engine.work(request, decision.basis_chunks)
+    return run_batches(
+        label(request.function, obj.module),
+        work,
+        obj.args(),
+        in_dims=obj.in_dims(),
+        out_dims=0,
+        randomness=request.randomness,
+        chunk=decision.batch_chunk,
+    )
 
 
 # --------------------------------------------------------------------------------------
-# planning for module-level calls
+# planning from measurements
 # --------------------------------------------------------------------------------------
 
-_PROBES: weakref.WeakKeyDictionary[
-    nn.Module, dict[tuple[Any, ...], tuple[int, tuple[int, ...]]]
-] = weakref.WeakKeyDictionary()
+# Fitted memory models per module and request signature (weakly keyed by the module).
+_MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
-def _probe(obj: _Objective, order: int) -> tuple[int, tuple[int, ...]]:
-    """``(work, shape)``: working bytes of one basis vector of one sample, and the shape
-    of the differentiated output of one sample.
-
-    The work is `WORK_PER_FORWARD` ``[order]`` times the bytes the operators of one
-    single-sample forward allocate (see `torchcurv._planning`). Cached per module and
-    shapes; the random number generators are restored afterwards, so a probe never
-    changes the dropout masks of the real computation.
-    """
-    cache = _PROBES.setdefault(obj.module, {})
-    key = obj.signature(order)
+def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, budget: int) -> Plan:
+    obj = request.objective
+    leaves = tree_flatten(obj.args())[0]
+    result_bytes = _result_bytes(request)
+    key = (engine.name, request.order, request.randomness, axes, obj.signature())
+    cache = _MODELS.setdefault(obj.module, {})
     if key not in cache:
-        diff, xs, target = obj.sample(0)
-        devices = sorted({x.device.index or 0 for x in obj.xs if x.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            forward, out = count_allocations(obj.per_sample, diff, xs, target)
-        cache[key] = (WORK_PER_FORWARD[order] * max(forward, 1), tuple(out.shape))
-    return cache[key]
+        args = obj.args()
+        in_dims = obj.in_dims()
+
+        def measure(b: int, chunks: tuple[int, ...]) -> int:
+            work = engine.work(request, chunks)
+            with probing(), torch.random.fork_rng(devices=_devices(leaves)):
+                peak, _ = measure_peak(work.batched, *_slice(args, in_dims, b))
+            return peak
+
+        max_batch = 1 if request.randomness == "different" else min(size, 2) or 1
+        cache[key] = fit(measure, axes, max_batch=max_batch)
+    return plan(
+        request.function,
+        batch=size,
+        axes=axes,
+        model=cache[key],
+        result_bytes=result_bytes,
+        budget=budget,
+        batch_limit=1 if request.randomness == "different" else None,
+    )
 
 
-def _check_module_chunk(
-    function: str, chunk_size: Any, memory_budget: Any, n_axes: int
-) -> tuple[Any, tuple[int | None, ...]]:
-    """``(batch_chunk, basis_chunks)`` from a module-level chunk_size."""
-    if isinstance(chunk_size, tuple):
-        if len(chunk_size) != 1 + n_axes:
-            parts = "(batch, inner, outer)" if n_axes == 2 else "(batch, basis)"
-            argument_error(
-                function,
-                "chunk_size",
-                f"must be a tuple {parts} when a tuple",
-                chunk_size,
-                f"Pass chunk_size={parts}, 'auto', None or an int.",
-            )
-        if memory_budget is not None:
-            argument_error(
-                function,
-                "chunk_size",
-                "must be 'auto' when memory_budget is given",
-                chunk_size,
-                "Pass either explicit chunk sizes or memory_budget=.",
-            )
-        batch = check_chunk_size(function, chunk_size[0], "chunk_size[0] (batch)")
-        axes = tuple(
-            check_chunk_size(function, c, f"chunk_size[{i + 1}]")
-            for i, c in enumerate(chunk_size[1:])
+def _devices(leaves: list[Any]) -> list[int]:
+    return sorted(
+        {x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda}
+    )
+
+
+def _slice(args: tuple[Any, ...], in_dims: Any, b: int) -> tuple[Any, ...]:
+    """The first `b` samples of `args` (repeating sample 0 when there are fewer)."""
+    from ._runner import _Batch
+
+    batch = _Batch("plan", args, in_dims)
+    if batch.size >= b:
+        return batch.narrow(0, b)
+    leaves = [
+        leaf
+        if dim is None
+        else (
+            leaf.narrow(dim, 0, 1).expand(*leaf.shape[:dim], b, *leaf.shape[dim + 1 :])
+            if leaf.shape[dim] > 0
+            else leaf.new_zeros((*leaf.shape[:dim], b, *leaf.shape[dim + 1 :]))
         )
-        return batch, axes
-    return check_batch_chunk_size(function, chunk_size, memory_budget), (None,) * n_axes
+        for leaf, dim in zip(batch.leaves, batch.dims, strict=True)
+    ]
+    from ._compat import tree_unflatten
+
+    return tuple(tree_unflatten(leaves, batch.spec))
 
 
-def _label(function: str, module: nn.Module) -> str:
-    return f"{function}({type(module).__name__})"
-
-
-def _numel(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in tree_flatten(tree)[0])
-
-
-def _itemsize(tree: Any) -> int:
-    return max(int(x.element_size()) for x in tree_flatten(tree)[0])
+def _result_bytes(request: Request) -> int:
+    """Bytes of one sample's result: ``out x in^order`` entries."""
+    obj = request.objective
+    itemsize = max(int(x.element_size()) for x in tree_flatten(obj.probe_sample()[0])[0])
+    return request.out_numel * request.in_numel**request.order * itemsize
 
 
 # --------------------------------------------------------------------------------------
 # public module-level transforms
 # --------------------------------------------------------------------------------------
-
-
-def _per_sample_objective(
-    function: str,
-    module: nn.Module,
-    inputs: Any,
-    randomness: str,
-    **what: Any,
-) -> tuple[_Objective, int]:
-    """The checked objective of a per-sample call and its batch size."""
-    obj = _Objective(function, module, inputs, **what)
-    _check_layers(function, module, randomness)
-    return obj, obj.batch_size()
 
 
 def per_sample_hessian(
@@ -616,6 +287,7 @@ def per_sample_hessian(
     chunk_size: ModuleChunk = "auto",
     memory_budget: int | float | str | None = None,
     randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
 ) -> Any:
     """The Hessian of a module's output (or loss) for every sample of a batch.
 
@@ -643,27 +315,37 @@ def per_sample_hessian(
         params: Which parameters (``wrt="params"``/``"both"``): names, glob patterns,
             a predicate or a dict; see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
-        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"`` (default).
-            ``"structured"`` computes input Hessians of ``nn.Sequential`` stacks of
-            ``Linear`` layers and elementwise activations exactly by Hessian
+        mode: The engine: a `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``
+            (default). ``"structured"`` computes input Hessians of ``nn.Sequential``
+            stacks of ``Linear`` layers and elementwise activations exactly by Hessian
             backpropagation (``H = sum_l J_l^T diag(sigma_l'' g_l) J_l``, plus the loss
             curvature for ``F.cross_entropy`` / ``F.mse_loss``), without ``n``
-            Hessian-vector products; it raises for anything else. ``"auto"`` takes the
-            structured path where it applies and a cost model (FLOPs and memory of both
-            paths for these shapes) predicts it faster, otherwise ``"fwd-over-rev"``.
-        chunk_size: ``"auto"`` (plan from `memory_budget`), None (no chunking), an int
-            (samples per chunk) or ``(batch, inner, outer)``.
-        memory_budget: Bytes or a size such as ``"2GiB"``; default half the available
-            memory. The planner keeps its predicted peak within it or raises.
+            Hessian-vector products; it raises for anything else. ``"auto"``: the
+            fastest engine that can compute it, i.e. the structured engine when it
+            applies and its cost model predicts it faster, otherwise forward-over-reverse
+            with the inner stage chosen by size (reverse unless the output has more
+            entries than the input). `torchcurv.explain` shows the choice.
+        chunk_size: ``"auto"`` (plan from `memory_budget`: measured on the real
+            derivative, preferring fast plans), None (no chunking), an int (samples per
+            chunk) or ``(batch, inner, outer)``.
+        memory_budget: Bytes or a size such as ``"2GiB"``; the default is a fraction of
+            the available memory (see `torchcurv.explain`). The measured peak stays
+            within it, or the call raises `MemoryBudgetError` before allocating.
         randomness: ``"error"`` (default), ``"different"`` (each sample its own dropout
-            mask, the same for every row of its Hessian) or ``"same"``.
+            mask, the same for every row of its Hessian and for every chunking under one
+            seed) or ``"same"`` (one draw for the whole call).
+        create_graph: False (default): detached results, nothing recorded. True: the
+            results are differentiable with respect to the module's parameters and to
+            inputs that require grad, on every engine (e.g. a loss on a Laplacian).
+            Not allowed under `torch.no_grad` / `torch.inference_mode`.
 
     Returns:
         The per-sample Hessians, batch dim first.
 
     Raises:
-        UnsupportedModuleError: For BatchNorm in training mode, or dropout in training
-            mode with ``randomness="error"``.
+        UnsupportedModuleError: For BatchNorm in training mode or without running
+            statistics, dropout in training mode with ``randomness="error"``, or a
+            ``mode`` whose engine cannot compute the request.
         MemoryBudgetError: If the budget cannot be met even with chunks of one.
         TorchcurvError: For other bad arguments.
 
@@ -683,134 +365,15 @@ def per_sample_hessian(
         >>> torch.allclose(H[0], W1.T @ torch.diag(w2 * d2) @ W1)
         True
     """
+
     name = "per_sample_hessian"
-    _check_mode(name, mode, (*HESSIAN_MODES, "structured"))
-    batch_chunk, (inner, outer) = _check_module_chunk(name, chunk_size, memory_budget, 2)
-    randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
-    obj, size = _per_sample_objective(
-        name,
-        module,
-        inputs,
-        randomness,
-        wrt=wrt,
-        params=params,
-        output=output,
-        loss=loss,
-        targets=targets,
-        kwargs=kwargs,
-    )
-    obstacle = _structured_obstacle(obj) if mode in ("auto", "structured") else None
-    if mode == "structured" and obstacle is not None:
-        raise UnsupportedModuleError(
-            f"{name}: mode='structured' cannot be used here: {obstacle}. Pass mode='auto' "
-            "(which takes the generic path when the structured one does not apply) or a "
-            "generic mode such as mode='fwd-over-rev'."
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name, module, inputs, order=2, mode=mode, chunk_size=chunk_size,
+            memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
+            wrt=wrt, params=params, output=output, loss=loss, targets=targets, kwargs=kwargs,
         )
-    work, out_shape = _probe(obj, 2) if "auto" in (mode, batch_chunk) else (0, ())
-    m, n, itemsize = math.prod(out_shape), _numel(obj.sample(0)[0]), _itemsize(obj.diff(obj.xs))
-    if mode == "auto":
-        structured = obstacle is None and prefer_structured(
-            module, tuple(obj.xs[0].shape), n_outputs_selected=m, dtype_bytes=itemsize
-        )
-        mode = "structured" if structured else "fwd-over-rev"
-        logger.debug("%s: mode='auto' chose %r", name, mode)
-    if mode == "structured":
-        return _structured_hessians(name, obj, batch_chunk, memory_budget, out_shape)
-    if batch_chunk == "auto":
-        budget = parse_budget(name, memory_budget, obj.xs[0].device)
-        plan = plan_chunks(
-            name,
-            batch=size,
-            axes=hessian_basis_sizes(mode, m, n),
-            result_bytes=m * n * n * itemsize,
-            work_bytes=work,
-            budget=budget,
-        )
-        logger.debug("%s: %s", name, plan.describe())
-        batch_chunk, (inner, outer) = plan.batch, plan.axes
-    transform = hessian(
-        obj.per_sample,
-        mode=mode,  # type: ignore[arg-type]
-        chunk_size=(inner, outer),
-        randomness="error" if randomness == "error" else "same",
-    )
-    return run_chunked(
-        _label(name, module),
-        transform,
-        obj.args(),
-        in_dims=obj.in_dims(),
-        out_dims=0,
-        randomness=randomness,
-        chunk=batch_chunk,
-    )
-
-
-def _structured_obstacle(obj: _Objective) -> str | None:
-    """Why the structured path cannot compute this objective, or None if it can."""
-    if obj.wrt != "inputs":
-        return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
-    if not obj.single or obj.kwargs:
-        return "the module must take one input tensor and no keyword arguments"
-    if isinstance(obj.output, bool) or not (
-        obj.output is None or isinstance(obj.output, (int, slice))
-    ):
-        return f"output must be None, an int or a slice, got {describe(obj.output)}"
-    if obj.loss is not None and obj.loss not in (F.cross_entropy, F.mse_loss):
-        return "loss must be torch.nn.functional.cross_entropy or mse_loss"
-    for path, layer in obj.module.named_modules():
-        if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0:
-            return f"{type(layer).__name__} at {path!r} is in training mode"
-    return unsupported_layer(obj.module)
-
-
-def _structured_hessians(
-    function: str,
-    obj: _Objective,
-    batch_chunk: Any,
-    memory_budget: Any,
-    out_shape: tuple[int, ...],
-) -> torch.Tensor:
-    """`per_sample_hessian` by Hessian backpropagation (`torchcurv._structured`).
-
-    The memory plan counts twice the structured path's own estimate of its
-    intermediates per sample: measured peaks exceeded the estimate alone by up to 20%.
-    """
-    X = obj.xs[0]
-    size, features = X.shape[0], tuple(X.shape[1:])
-    if not out_shape:  # no probe ran (explicit chunk sizes): one forward gives the shape
-        with torch.no_grad():
-            out_shape = tuple(obj.per_sample(*obj.sample(0)).shape)
-    m, n, itemsize = math.prod(out_shape), math.prod(features), X.element_size()
-    if batch_chunk == "auto":
-        cost = structured_cost(
-            obj.module, tuple(X.shape), n_outputs_selected=m, dtype_bytes=itemsize
-        )
-        plan = plan_chunks(
-            function,
-            batch=size,
-            axes=(),
-            result_bytes=m * n * n * itemsize,
-            work_bytes=2 * int(cost["structured_bytes"] / size) + 1,
-            budget=parse_budget(function, memory_budget, X.device),
-        )
-        logger.debug("%s (structured): %s", function, plan.describe())
-        batch_chunk = plan.batch
-    step = size if batch_chunk is None else batch_chunk
-    pieces = []
-    with torch.no_grad():
-        for start in range(0, size, step):
-            targets = None if obj.targets is None else obj.targets[start : start + step]
-            pieces.append(
-                structured_input_hessian(
-                    obj.module,
-                    X[start : start + step],
-                    output=obj.output,  # type: ignore[arg-type]
-                    loss=obj.loss,
-                    targets=targets,
-                )
-            )
-    result = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return result.reshape(size, *out_shape, *features, *features)
+        return _run(call)
 
 
 def per_sample_jacobian(
@@ -827,6 +390,7 @@ def per_sample_jacobian(
     chunk_size: int | Literal["auto"] | tuple[int | None, int | None] | None = "auto",
     memory_budget: int | float | str | None = None,
     randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
 ) -> Any:
     """The Jacobian of a module's output (or the gradient of its loss) per sample.
 
@@ -843,10 +407,12 @@ def per_sample_jacobian(
         loss: ``loss(out, target) -> scalar``.
         params: Which parameters, see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
-        mode: ``"rev"``, ``"fwd"`` or ``"auto"`` (by output vs input size).
+        mode: ``"rev"``, ``"fwd"`` or ``"auto"``: reverse mode unless the output has
+            more entries than the input.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, basis)``.
         memory_budget: Bytes or a size such as ``"2GiB"``.
         randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: As in `per_sample_hessian`: True keeps the results differentiable.
 
     Returns:
         The per-sample Jacobians, batch dim first.
@@ -866,54 +432,85 @@ def per_sample_jacobian(
         >>> torch.equal(J[2], model.weight.detach())
         True
     """
+
     name = "per_sample_jacobian"
-    _check_mode(name, mode, JACOBIAN_MODES)
-    batch_chunk, (basis,) = _check_module_chunk(name, chunk_size, memory_budget, 1)
-    randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
-    obj, size = _per_sample_objective(
-        name,
-        module,
-        inputs,
-        randomness,
-        wrt=wrt,
-        params=params,
-        output=output,
-        loss=loss,
-        targets=targets,
-        kwargs=kwargs,
-    )
-    if "auto" in (mode, batch_chunk):
-        work, shape = _probe(obj, 1)
-        m, n = math.prod(shape), _numel(obj.sample(0)[0])
-        if mode == "auto":  # decided here, so the vectorised call wastes no trial run
-            mode = "rev" if m <= n else "fwd"
-    if batch_chunk == "auto":
-        budget = parse_budget(name, memory_budget, obj.xs[0].device)
-        plan = plan_chunks(
-            name,
-            batch=size,
-            axes=(n if mode == "fwd" else m,),
-            result_bytes=m * n * _itemsize(obj.diff(obj.xs)),
-            work_bytes=work,
-            budget=budget,
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name, module, inputs, order=1, mode=mode, chunk_size=chunk_size,
+            memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
+            wrt=wrt, params=params, output=output, loss=loss, targets=targets, kwargs=kwargs,
         )
-        logger.debug("%s: %s", name, plan.describe())
-        batch_chunk, (basis,) = plan.batch, plan.axes
-    transform = jacobian(
-        obj.per_sample,
-        mode=mode,  # type: ignore[arg-type]
-        chunk_size=basis,
-        randomness="error" if randomness == "error" else "same",
-    )
-    return run_chunked(
-        _label(name, module),
-        transform,
-        obj.args(),
-        in_dims=obj.in_dims(),
-        out_dims=0,
-        randomness=randomness,
-        chunk=batch_chunk,
-    )
+        return _run(call)
+
+
+_EXPLAINABLE: dict[Callable[..., Any], tuple[str, int]] = {
+    per_sample_hessian: ("per_sample_hessian", 2),
+    per_sample_jacobian: ("per_sample_jacobian", 1),
+}
+
+
+def explain(
+    function: Callable[..., Any], module: nn.Module, inputs: Any, **options: Any
+) -> Decision:
+    """What a module-level call would do, without computing its result.
+
+    Builds the objective, chooses the engine and plans the chunk sizes exactly as
+    `function` would (the planner runs the real derivative on a sample or two at small
+    chunk sizes to measure its memory), and returns the decision.
+
+    Args:
+        function: `torchcurv.per_sample_hessian` or `torchcurv.per_sample_jacobian`.
+        module: The model, as for `function`.
+        inputs: The batch, as for `function`.
+        **options: The keyword arguments of `function`.
+
+    Returns:
+        A `Decision`: engine, why, chunk sizes, predicted peak, budget, why those chunks.
+
+    Raises:
+        TorchcurvError: If `function` is not a module-level function, or for the errors
+            `function` itself would raise before computing.
+
+    Example:
+        >>> import torch, torchcurv
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 1))
+        >>> d = torchcurv.explain(torchcurv.per_sample_hessian, model, torch.randn(16, 4))
+        >>> d.engine, d.batch_chunk
+        ('structured', 16)
+        >>> d = torchcurv.explain(torchcurv.per_sample_hessian, model, torch.randn(16, 4),
+        ...                       wrt="params", chunk_size=(4, None, 8))
+        >>> d.engine, d.batch_chunk, d.basis_chunks, d.basis_sizes
+        ('fwd-over-rev', 4, (None, 8), (1, 49))
+    """
+    if function not in _EXPLAINABLE:
+        argument_error(
+            "explain",
+            "function",
+            "must be a module-level torchcurv function",
+            function,
+            "Pass torchcurv.per_sample_hessian or torchcurv.per_sample_jacobian.",
+        )
+    name, order = _EXPLAINABLE[function]
+    create_graph = options.pop("create_graph", False)
+    defaults: dict[str, Any] = {"mode": "auto", "chunk_size": "auto", "memory_budget": None,
+                                "randomness": "error"}
+    plan_options = {k: options.pop(k, v) for k, v in defaults.items()}
+    what = {k: options.pop(k, None) for k in ("params", "output", "loss", "targets", "kwargs")}
+    what["wrt"] = options.pop("wrt", "inputs")
+    if options:
+        argument_error(
+            "explain",
+            "options",
+            f"has keywords that {name} does not take",
+            sorted(options),
+            f"Pass the keyword arguments of {name} only.",
+        )
+    with _grad_mode(name, create_graph):
+        return _prepare(
+            name, module, inputs, order=order, create_graph=create_graph, **plan_options,
+            **what,
+        ).decision
 
 
 def batch_hessian(
@@ -928,6 +525,7 @@ def batch_hessian(
     mode: str = "fwd-over-rev",
     chunk_size: int | tuple[int | None, int | None] | None = None,
     randomness: Literal["error", "same"] = "error",
+    create_graph: bool = False,
 ) -> Any:
     """The Hessian of a loss over the whole batch, ``loss(module(inputs), targets)``.
 
@@ -948,6 +546,7 @@ def batch_hessian(
         mode: A `torchcurv.hessian` mode.
         chunk_size: Chunk size(s) of the two Hessian stages, see `torchcurv.hessian`.
         randomness: ``"error"`` or ``"same"`` (one dropout mask for the whole Hessian).
+        create_graph: As in `per_sample_hessian`: True keeps the result differentiable.
 
     Returns:
         The Hessian blocks.
@@ -967,8 +566,9 @@ def batch_hessian(
         >>> torch.allclose(M, 2 * X.T @ X / 8)
         True
     """
+
     name = "batch_hessian"
-    _check_mode(name, mode, HESSIAN_MODES)
+    check_mode(name, mode, HESSIAN_MODES)
     randomness = check_randomness(name, randomness)  # type: ignore[assignment]
     if loss is None:
         argument_error(
@@ -978,23 +578,20 @@ def batch_hessian(
             loss,
             "Pass loss=torch.nn.functional.cross_entropy or another (out, y) -> scalar.",
         )
-    obj = _Objective(
-        name,
-        module,
-        inputs,
-        wrt=wrt,
-        params=params,
-        output=None,
-        loss=loss,
-        targets=targets,
-        kwargs=kwargs,
-    )
-    _check_layers(name, module, randomness)
-    obj.batch_size()
-    transform = hessian(
-        obj.whole_batch,
-        mode=mode,  # type: ignore[arg-type]
-        chunk_size=chunk_size,
-        randomness=randomness,
-    )
-    return transform(obj.diff(obj.xs), obj.xs, targets)
+    with _grad_mode(name, create_graph):
+        obj = Objective(
+            name, module, inputs, wrt=wrt, params=params, output=None, loss=loss,
+            targets=targets, kwargs=kwargs, create_graph=create_graph,
+        )
+        check_layers(name, module, randomness)
+        obj.batch_size()
+        transform = hessian(
+            obj.whole_batch,
+            mode=mode,  # type: ignore[arg-type]
+            chunk_size=chunk_size,
+            randomness=randomness,  # type: ignore[arg-type]
+        )
+        from ._decompositions import corrected_ops
+
+        with corrected_ops():
+            return transform(obj.diff(obj.xs), obj.xs, obj.targets)

@@ -10,228 +10,66 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
-
+from ._checks import (
+    check_argnums,
+    check_callable,
+    check_chunk_size,
+    check_differentiable,
+    check_flag,
+    check_hessian_chunk_size,
+    check_mode,
+    check_randomness,
+    resolve_argnums,
+)
+from ._compat import DERIVATIVE_LOCK, TreeSpec, tree_flatten, tree_map, tree_unflatten
 from ._errors import TorchcurvError, argument_error, describe
+from ._types import (
+    HESSIAN_MODES,
+    JACOBIAN_MODES,
+    HessianChunk,
+    HessianMode,
+    JacobianMode,
+    Randomness,
+)
 
 __all__ = [
     "HESSIAN_MODES",
     "JACOBIAN_MODES",
-    "RANDOMNESS",
-    "check_argnums",
-    "check_chunk_size",
-    "check_hessian_chunk_size",
-    "check_randomness",
     "hessian",
     "hessian_basis_sizes",
     "hvp",
     "jacobian",
     "numel",
+    "probing",
     "vhp",
 ]
-
-JacobianMode = Literal["rev", "fwd", "auto"]
-HessianMode = Literal["fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "auto"]
-Randomness = Literal["error", "same"]
-HessianChunk = int | tuple[int | None, int | None] | None
-
-JACOBIAN_MODES: tuple[str, ...] = ("rev", "fwd", "auto")
-HESSIAN_MODES: tuple[str, ...] = (
-    "fwd-over-rev",
-    "rev-over-rev",
-    "rev-over-fwd",
-    "fwd-over-fwd",
-    "auto",
-)
-RANDOMNESS: tuple[str, ...] = ("error", "same")
-
-
-# --------------------------------------------------------------------------------------
-# argument checks (run when a transform is built)
-# --------------------------------------------------------------------------------------
-
-
-def check_argnums(function: str, argnums: Any) -> int | tuple[int, ...]:
-    """Validate `argnums` (an int or a non-empty tuple of distinct ints)."""
-    if isinstance(argnums, int) and not isinstance(argnums, bool):
-        return argnums
-    if (
-        isinstance(argnums, tuple)
-        and argnums
-        and all(isinstance(a, int) and not isinstance(a, bool) for a in argnums)
-    ):
-        if len(set(argnums)) != len(argnums):
-            argument_error(
-                function,
-                "argnums",
-                "must not repeat an index",
-                argnums,
-                "Name each argument once, e.g. argnums=(0, 1).",
-            )
-        return tuple(argnums)
-    argument_error(
-        function,
-        "argnums",
-        "must be an int or a non-empty tuple of ints",
-        argnums,
-        "Pass argnums=0 for the first argument or argnums=(0, 1) for several.",
-    )
-
-
-def check_chunk_size(function: str, chunk_size: Any, argument: str = "chunk_size") -> int | None:
-    """Validate a single chunk size: None or a positive int."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0:
-        return chunk_size
-    argument_error(
-        function,
-        argument,
-        "must be None or a positive int",
-        chunk_size,
-        f"Pass {argument}=None to disable chunking or a positive int such as 16.",
-    )
-
-
-def check_hessian_chunk_size(function: str, chunk_size: Any) -> tuple[int | None, int | None]:
-    """Validate a Hessian chunk size and return it as ``(inner, outer)``."""
-    if isinstance(chunk_size, tuple):
-        if len(chunk_size) != 2:
-            argument_error(
-                function,
-                "chunk_size",
-                "must be a pair (inner, outer) when a tuple",
-                chunk_size,
-                "Pass chunk_size=(inner, outer), e.g. (4, 16).",
-            )
-        inner = check_chunk_size(function, chunk_size[0], "chunk_size[0] (inner)")
-        outer = check_chunk_size(function, chunk_size[1], "chunk_size[1] (outer)")
-        return inner, outer
-    if chunk_size is None or (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)):
-        if chunk_size is not None and chunk_size <= 0:
-            argument_error(
-                function,
-                "chunk_size",
-                "must be positive",
-                chunk_size,
-                "Pass chunk_size=None to disable chunking or a positive int such as 16.",
-            )
-        return chunk_size, chunk_size
-    argument_error(
-        function,
-        "chunk_size",
-        "must be None, a positive int or a pair of them",
-        chunk_size,
-        "Pass chunk_size=16 or chunk_size=(inner, outer).",
-    )
-
-
-def check_randomness(function: str, randomness: Any, allowed: Sequence[str] = RANDOMNESS) -> str:
-    """Validate a randomness choice."""
-    if randomness not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        argument_error(
-            function,
-            "randomness",
-            f"must be one of {choices}",
-            randomness,
-            "Use 'error' to refuse random operations (dropout in training mode) "
-            "or 'same' to share one random draw across all rows of the result.",
-        )
-    return str(randomness)
-
-
-def _check_mode(function: str, mode: Any, allowed: Sequence[str]) -> str:
-    if mode not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        argument_error(
-            function,
-            "mode",
-            f"must be one of {choices}",
-            mode,
-            f"Pass one of {choices}; 'auto' chooses from the input and output sizes.",
-        )
-    return str(mode)
-
-
-def _check_callable(function: str, func: Any) -> None:
-    if not callable(func):
-        argument_error(
-            function,
-            "func",
-            "must be callable",
-            func,
-            "Pass a function of tensors, e.g. lambda x: (x ** 2).sum().",
-        )
-
-
-def _check_flag(function: str, argument: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        argument_error(
-            function,
-            argument,
-            "must be a bool",
-            value,
-            f"Pass {argument}=True or {argument}=False.",
-        )
-
 
 # --------------------------------------------------------------------------------------
 # call-time helpers
 # --------------------------------------------------------------------------------------
 
-
-def _resolve_argnums(function: str, argnums: int | tuple[int, ...], nargs: int) -> tuple[int, ...]:
-    indices = (argnums,) if isinstance(argnums, int) else argnums
-    resolved = []
-    for index in indices:
-        if not -nargs <= index < nargs:
-            argument_error(
-                function,
-                "argnums",
-                f"is out of range for a call with {nargs} positional argument(s)",
-                argnums,
-                f"Use indices between {-nargs} and {nargs - 1}."
-                if nargs
-                else "Call the transformed function with the tensors to differentiate.",
-            )
-        resolved.append(index % nargs)
-    if len(set(resolved)) != len(resolved):
-        argument_error(
-            function,
-            "argnums",
-            "names the same argument twice",
-            argnums,
-            "Name each argument once.",
-        )
-    return tuple(resolved)
+_PROBING: ContextVar[bool] = ContextVar("torchcurv_probing", default=False)
 
 
-def _check_differentiable(function: str, leaves: Sequence[Any], argnums: tuple[int, ...]) -> None:
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            argument_error(
-                function,
-                f"the argument(s) at argnums={_fmt(argnums)}",
-                "must be tensors or pytrees of tensors",
-                leaf,
-                "Pass floating-point tensors, e.g. torch.tensor([1.0, 2.0]).",
-            )
-        if not (leaf.is_floating_point() or leaf.is_complex()):
-            argument_error(
-                function,
-                f"the argument(s) at argnums={_fmt(argnums)}",
-                "must be floating-point to be differentiated",
-                leaf,
-                "Convert it with x.to(torch.float64) (or .float()), or leave it out of argnums.",
-            )
+@contextmanager
+def probing() -> Any:
+    """Run transforms in probe mode: only the first and the last basis chunk of every
+    stage are computed; the chunks between are copies of the first.
 
-
-def _fmt(argnums: tuple[int, ...]) -> str:
-    return str(argnums[0]) if len(argnums) == 1 else str(argnums)
+    The allocations are those of the real computation (the same chunk sizes, the same
+    results kept and concatenated), at the cost of two chunks per stage, so the memory
+    planner can measure the real peak of a plan cheaply. The values are meaningless.
+    """
+    token = _PROBING.set(True)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
 
 
 def _flat_output(function: str, out: Any) -> tuple[list[torch.Tensor], TreeSpec]:
@@ -277,32 +115,26 @@ class _RNGReplay:
             torch.cuda.set_rng_state(state, device)
 
 
-def _basis_chunks(
-    like: Sequence[torch.Tensor], chunk_size: int | None
-) -> list[tuple[torch.Tensor, ...]]:
-    """Chunks of the standard basis of the space of `like`, one tensor per leaf.
+def _basis_chunk(
+    like: Sequence[torch.Tensor], start: int, rows: int
+) -> tuple[torch.Tensor, ...]:
+    """Basis vectors ``e_start .. e_(start+rows-1)`` of the space of `like`.
 
-    Chunk ``k`` holds basis vectors ``e_i`` for ``i`` in its range, laid out as
-    ``(rows, *leaf.shape)`` per leaf: the one-hot entries that fall into the leaf.
+    Laid out as ``(rows, *leaf.shape)`` per leaf: the one-hot entries that fall into the
+    leaf. Built one chunk at a time, so the basis never exists whole.
     """
-    sizes = [leaf.numel() for leaf in like]
-    total = sum(sizes)
-    step = total if chunk_size is None else min(chunk_size, total)
-    chunks = []
-    for start in range(0, total, max(step, 1)):
-        rows = min(step, total - start)
-        pieces = []
-        offset = 0
-        for leaf, size in zip(like, sizes, strict=True):
-            piece = torch.zeros(rows, size, dtype=leaf.dtype, device=leaf.device)
-            lo, hi = max(start, offset), min(start + rows, offset + size)
-            if lo < hi:
-                idx = torch.arange(lo - start, hi - start, device=leaf.device)
-                piece[idx, idx + start - offset] = 1
-            pieces.append(piece.view(rows, *leaf.shape))
-            offset += size
-        chunks.append(tuple(pieces))
-    return chunks
+    pieces = []
+    offset = 0
+    for leaf in like:
+        size = leaf.numel()
+        piece = torch.zeros(rows, size, dtype=leaf.dtype, device=leaf.device)
+        lo, hi = max(start, offset), min(start + rows, offset + size)
+        if lo < hi:
+            idx = torch.arange(lo - start, hi - start, device=leaf.device)
+            piece[idx, idx + start - offset] = 1
+        pieces.append(piece.view(rows, *leaf.shape))
+        offset += size
+    return tuple(pieces)
 
 
 def _map_basis(
@@ -319,15 +151,22 @@ def _map_basis(
     the basis vector (primal values, aux); they are taken once, from the first row of
     the first chunk. Other outputs are concatenated over chunks along dim 0.
     """
-    chunks = _basis_chunks(like, chunk_size)
-    replay = _RNGReplay(like) if randomness == "same" and len(chunks) > 1 else None
+    total = sum(leaf.numel() for leaf in like)
+    step = max(1, total if chunk_size is None else min(chunk_size, total))
+    starts = range(0, total, step)
+    replay = _RNGReplay(like) if randomness == "same" and len(starts) > 1 else None
     mapped = torch.vmap(push, in_dims=0, out_dims=0, randomness=randomness)
-    results = []
-    for index, chunk in enumerate(chunks):
+    probe = _PROBING.get()
+    results: list[Any] = []
+    for index, start in enumerate(starts):
+        rows = min(step, total - start)
+        if probe and 0 < index < len(starts) - 1:  # a copy stands in for a middle chunk
+            results.append(tree_map(torch.clone, results[0]))
+            continue
         if replay is not None and index > 0:
             replay.replay()
         try:
-            results.append(mapped(*chunk))
+            results.append(mapped(*_basis_chunk(like, start, rows)))
         except RuntimeError as error:
             if "randomness error mode" not in str(error):
                 raise
@@ -415,11 +254,11 @@ def jacobian(
         True
     """
     name = "jacobian"
-    _check_callable(name, func)
+    check_callable(name, func)
     argnums = check_argnums(name, argnums)
-    mode = _check_mode(name, mode, JACOBIAN_MODES)  # type: ignore[assignment]
+    mode = check_mode(name, mode, JACOBIAN_MODES)  # type: ignore[assignment]
     chunk_size = check_chunk_size(name, chunk_size)
-    _check_flag(name, "has_aux", has_aux)
+    check_flag(name, "has_aux", has_aux)
     randomness = check_randomness(name, randomness)  # type: ignore[assignment]
     return _jacobian(func, argnums, mode, chunk_size, has_aux, randomness, name)
 
@@ -436,10 +275,14 @@ def _jacobian(
     """`jacobian` without the argument checks (the caller made them)."""
 
     def jacobian_of_func(*args: Any, **kwargs: Any) -> Any:
-        indices = _resolve_argnums(name, argnums, len(args))
+        with DERIVATIVE_LOCK:
+            return _jacobian_call(args, kwargs)
+
+    def _jacobian_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        indices = resolve_argnums(name, argnums, len(args))
         diff_args = tuple(args[i] for i in indices)
         flat_in, in_spec = tree_flatten(diff_args)
-        _check_differentiable(name, flat_in, indices)
+        check_differentiable(name, flat_in, indices)
         out_specs: list[TreeSpec] = []
 
         def flat_func(*leaves: torch.Tensor) -> Any:
@@ -631,11 +474,11 @@ def hessian(
         True
     """
     name = "hessian"
-    _check_callable(name, func)
+    check_callable(name, func)
     argnums = check_argnums(name, argnums)
-    mode = _check_mode(name, mode, HESSIAN_MODES)  # type: ignore[assignment]
+    mode = check_mode(name, mode, HESSIAN_MODES)  # type: ignore[assignment]
     inner_chunk, outer_chunk = check_hessian_chunk_size(name, chunk_size)
-    _check_flag(name, "has_aux", has_aux)
+    check_flag(name, "has_aux", has_aux)
     randomness = check_randomness(name, randomness)  # type: ignore[assignment]
     inner_mode, outer_mode = _STAGES[mode]
     inner = _jacobian(func, argnums, inner_mode, inner_chunk, has_aux, randomness, name)
@@ -695,7 +538,7 @@ def _check_primals(name: str, primals: Any, tangents: Any) -> None:
                 t,
                 "Give each tangent the shape of its primal.",
             )
-    _check_differentiable(name, tree_flatten(primals)[0], tuple(range(len(primals))))
+    check_differentiable(name, tree_flatten(primals)[0], tuple(range(len(primals))))
     if tree_flatten(primals)[1] != tree_flatten(tangents)[1]:
         argument_error(
             name,
@@ -743,11 +586,12 @@ def hvp(
         True
     """
     name = "hvp"
-    _check_callable(name, func)
-    _check_flag(name, "has_aux", has_aux)
+    check_callable(name, func)
+    check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    result: Any = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
+    with DERIVATIVE_LOCK:
+        result: Any = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
     _, product, (value, aux) = result
     return (value, product, aux) if has_aux else (value, product)
 
@@ -787,13 +631,14 @@ def vhp(
         True
     """
     name = "vhp"
-    _check_callable(name, func)
-    _check_flag(name, "has_aux", has_aux)
+    check_callable(name, func)
+    check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    result: Any = torch.func.vjp(grad_fn, *primals, has_aux=True)
-    _, vjp_fn, (value, aux) = result
-    product = vjp_fn(tangents)
+    with DERIVATIVE_LOCK:
+        result: Any = torch.func.vjp(grad_fn, *primals, has_aux=True)
+        _, vjp_fn, (value, aux) = result
+        product = vjp_fn(tangents)
     return (value, product, aux) if has_aux else (value, product)
 
 

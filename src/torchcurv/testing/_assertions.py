@@ -16,13 +16,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .. import reference
 from .._layout import to_matrix
-from .._transforms import (
-    _assemble,
-    _check_differentiable,
-    _columns_to_blocks,
-    _flat_output,
-    _resolve_argnums,
-)
+from .._checks import check_differentiable, resolve_argnums
+from .._transforms import _assemble, _columns_to_blocks, _flat_output
 
 __all__ = [
     "assert_chunk_invariant",
@@ -332,9 +327,9 @@ def assert_matches_finite_differences(
         >>> f = lambda x: torch.sin(x).sum()
         >>> assert_matches_finite_differences(f, torchcurv.hessian(f)(x), x)
     """
-    indices = _resolve_argnums("assert_matches_finite_differences", argnums, len(args))
+    indices = resolve_argnums("assert_matches_finite_differences", argnums, len(args))
     flat_in, in_spec = tree_flatten(tuple(args[i] for i in indices))
-    _check_differentiable("assert_matches_finite_differences", flat_in, indices)
+    check_differentiable("assert_matches_finite_differences", flat_in, indices)
     if any(x.dtype != torch.float64 for x in flat_in):
         raise ValueError(
             "assert_matches_finite_differences: finite differences need float64 "

@@ -39,7 +39,7 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 from torch import nn
 
-from .._transforms import HESSIAN_MODES, JACOBIAN_MODES
+from .._types import HESSIAN_MODES, JACOBIAN_MODES
 
 __all__ = [
     "ACTIVATIONS",

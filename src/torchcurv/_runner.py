@@ -1,33 +1,54 @@
-"""`per_sample`: vmap over a batch, in chunks, with a memory budget and a loop fallback."""
+"""The batch runner: vmap over a batch in chunks, with one rule for randomness,
+out-of-memory halving and a loop fallback; and `per_sample`, its public face.
+
+Every module-level call ends here: an engine supplies a `Work` (how to run a slice of
+the batch, and one sample for the loop fallback) and `run_batches` runs the slices.
+
+Randomness, decided once for every caller: a call with random operations draws one
+seed ``s`` from torch's global generator. ``randomness="same"`` seeds every batch chunk
+with ``s``, so all samples (and all rows of their derivatives) see one draw, whatever
+the chunking. ``randomness="different"`` seeds sample ``i`` with ``(s, i)``, its global
+index in the batch, so each sample has its own draw and the same seed gives the same
+result for every chunking; samples then run one at a time (each still vectorised over
+its basis). The global generator advances by the one draw of ``s`` only.
+
+Concurrency: torch.func's transform levels are process-wide, so the derivative section
+of every call holds `torchcurv._compat.DERIVATIVE_LOCK`; calls from several threads
+are serialised and correct.
+"""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch.utils._pytree import (
+
+from ._checks import check_batch_chunk_size, check_randomness
+from ._compat import (
+    DERIVATIVE_LOCK,
+    OutOfMemoryError,
     TreeSpec,
-    _broadcast_to_and_flatten,
+    broadcast_to_and_flatten,
+    is_functorch_wrapped,
     tree_flatten,
+    tree_map,
     tree_unflatten,
 )
-
 from ._errors import (
     MemoryBudgetError,
     TorchcurvError,
     TorchcurvFallbackWarning,
     argument_error,
 )
-from ._planning import count_allocations, parse_budget, plan_chunks
-from ._transforms import check_randomness
+from ._types import BATCH_RANDOMNESS, BatchChunk
 
-__all__ = ["BATCH_RANDOMNESS", "check_batch_chunk_size", "per_sample", "run_chunked"]
+__all__ = ["Work", "batch_size", "per_sample", "run_batches", "seeded"]
 
-BatchChunk = int | Literal["auto"] | None
-BATCH_RANDOMNESS: tuple[str, ...] = ("error", "different", "same")
 logger = logging.getLogger("torchcurv")
 
 # Messages of torch errors that mean "vmap cannot batch this operator" (a loop can).
@@ -41,40 +62,46 @@ _UNBATCHABLE = (
     "is not supported with vmap",
 )
 _OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: (s, i) -> distinct seeds
 
 
-def check_batch_chunk_size(function: str, chunk_size: Any, memory_budget: Any) -> BatchChunk:
-    """Validate a batch chunk size (None, a positive int or "auto") against a budget."""
-    if chunk_size == "auto" or chunk_size is None:
-        if memory_budget is not None:
-            parse_budget(function, memory_budget, torch.device("cpu"))
-            return "auto"
-        return chunk_size  # type: ignore[no-any-return]
-    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0:
-        if memory_budget is not None:
-            argument_error(
-                function,
-                "chunk_size",
-                "must be 'auto' or None when memory_budget is given",
-                chunk_size,
-                "Pass either chunk_size=<int> or memory_budget=..., not both.",
-            )
-        return chunk_size
-    argument_error(
-        function,
-        "chunk_size",
-        "must be None, a positive int or 'auto'",
-        chunk_size,
-        "Pass chunk_size='auto' to plan from the memory budget, or an int such as 32.",
-    )
+@dataclass(frozen=True)
+class Work:
+    """How an engine computes a batch slice.
+
+    Attributes:
+        batched: ``batched(*args)`` computes the result of a slice of the batch (the
+            arguments carry their batch dims, as given by ``in_dims``).
+        single: ``single(*args)`` computes one sample (batch dims removed), for the
+            loop fallback when an operator cannot be vectorised; None if the engine
+            has no such fallback.
+    """
+
+    batched: Callable[..., Any]
+    single: Callable[..., Any] | None = None
 
 
 def _is_wrapped(leaves: Sequence[Any]) -> bool:
     """True inside an enclosing torch.func transform (tensors are functorch wrappers)."""
-    return any(
-        isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
-        for x in leaves
+    return any(is_functorch_wrapped(x) for x in leaves)
+
+
+def _devices(leaves: Sequence[Any]) -> list[int]:
+    return sorted(
+        {
+            x.device.index or 0
+            for x in leaves
+            if isinstance(x, torch.Tensor) and x.device.type == "cuda"
+        }
     )
+
+
+@contextmanager
+def seeded(seed: int, key: int, leaves: Sequence[Any]) -> Iterator[None]:
+    """Run with torch's generators seeded by ``(seed, key)``; restored afterwards."""
+    with torch.random.fork_rng(devices=_devices(leaves)):
+        torch.manual_seed((seed ^ ((key + 1) * _SEED_MIX)) % 2**63)
+        yield
 
 
 class _Batch:
@@ -91,7 +118,7 @@ class _Batch:
                 in_dims,
                 "Pass an int, or a tuple with one entry per argument.",
             )
-        flat_dims = _broadcast_to_and_flatten(dims, tree_flatten(args)[1])
+        flat_dims = broadcast_to_and_flatten(dims, tree_flatten(args)[1])
         if flat_dims is None:
             argument_error(
                 function,
@@ -154,7 +181,7 @@ class _Output:
     def _layout(self, result: Any) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(result)
         if self.spec is None:
-            dims = _broadcast_to_and_flatten(self.out_dims, spec)
+            dims = broadcast_to_and_flatten(self.out_dims, spec)
             if dims is None or any(not isinstance(d, int) for d in dims):
                 argument_error(
                     self.function,
@@ -208,44 +235,83 @@ class _Output:
         return tree_unflatten(merged, self.spec)
 
 
-def run_chunked(
+def batch_size(function: str, args: tuple[Any, ...], in_dims: Any) -> int:
+    """The batch size of `args` under `in_dims` (checked)."""
+    return _Batch(function, args, in_dims).size
+
+
+def _empty_result(
+    function: str, work: Work, batch: _Batch, out_dims: Any, output: _Output
+) -> Any:
+    """B=0: the result of one zero sample, cut to no samples (shapes are right)."""
+    leaves = [
+        leaf if dim is None else leaf.new_zeros((*leaf.shape[:dim], 1, *leaf.shape[dim + 1 :]))
+        for leaf, dim in zip(batch.leaves, batch.dims, strict=True)
+    ]
+    result = work.batched(*tree_unflatten(leaves, batch.spec))
+    output._layout(result)
+    empty = [
+        leaf.narrow(dim, 0, 0)
+        for leaf, dim in zip(tree_flatten(result)[0], output.dims, strict=True)
+    ]
+    return tree_unflatten(empty, tree_flatten(result)[1])
+
+
+def run_batches(
     function: str,
-    func: Callable[..., Any],
+    work: Work,
     args: tuple[Any, ...],
     *,
     in_dims: Any,
     out_dims: Any,
     randomness: str,
     chunk: int | None,
-    first: tuple[int, Any] | None = None,
 ) -> Any:
-    """vmap `func` over the batch of `args`, `chunk` samples at a time.
+    """Run `work` over the batch of `args`, `chunk` samples at a time.
 
     Falls back to smaller chunks when memory runs out, and to a loop over samples when
-    an operator cannot be batched (with a `TorchcurvFallbackWarning` naming it).
-    `first` is an already computed ``(length, result)`` for the leading samples.
+    an operator cannot be batched (with a `TorchcurvFallbackWarning` naming it). Random
+    operations follow the rule in the module docstring.
     """
     batch = _Batch(function, args, in_dims)
-    step = batch.size if chunk is None else min(chunk, batch.size)
-    several = first is not None or step < batch.size
+    with DERIVATIVE_LOCK:
+        return _run(function, work, batch, out_dims, randomness, chunk)
+
+
+def _run(
+    function: str,
+    work: Work,
+    batch: _Batch,
+    out_dims: Any,
+    randomness: str,
+    chunk: int | None,
+) -> Any:
+    size = batch.size
+    step = max(1, size if chunk is None else min(chunk, size))
+    if randomness == "different":
+        step = 1  # each sample its own seed: one at a time
+    several = step < size
     output = _Output(
-        function, out_dims, batch.size, preallocate=several and not _is_wrapped(batch.leaves)
+        function, out_dims, size, preallocate=several and not _is_wrapped(batch.leaves)
     )
-    mapped = torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=randomness)
+    if size == 0:
+        return _empty_result(function, work, batch, out_dims, output)
+    seed = int(torch.randint(0, 2**62, ())) if randomness != "error" else 0
     start = 0
-    if first is not None:
-        output.add(0, first[1])
-        start = first[0]
     looping = False
-    while start < batch.size:
-        length = min(step, batch.size - start)
+    while start < size:
+        length = min(step, size - start)
         try:
             if looping:
-                output.add_loop(
-                    start, [func(*batch.select(i)) for i in range(start, start + length)]
-                )
+                assert work.single is not None
+                results = []
+                for i in range(start, start + length):
+                    with _maybe_seeded(randomness, seed, i, batch.leaves):
+                        results.append(work.single(*batch.select(i)))
+                output.add_loop(start, results)
             else:
-                output.add(start, mapped(*batch.narrow(start, length)))
+                with _maybe_seeded(randomness, seed, start, batch.leaves):
+                    output.add(start, work.batched(*batch.narrow(start, length)))
         except TorchcurvError:
             raise
         except Exception as error:
@@ -256,39 +322,58 @@ def run_chunked(
                     "training mode) while randomness='error'. Pass randomness='different' "
                     "(each sample its own draw) or randomness='same', or call model.eval()."
                 ) from None
-            if any(s in text for s in _OUT_OF_MEMORY) or isinstance(error, torch.OutOfMemoryError):
+            if any(s in text for s in _OUT_OF_MEMORY) or isinstance(error, OutOfMemoryError):
                 if length == 1:
                     raise MemoryBudgetError(
                         f"{function}: out of memory on a single sample (sample {start}); "
-                        "pass a smaller chunk_size for the basis (e.g. chunk_size=(1, 8)) or "
-                        "free memory."
+                        "pass a smaller chunk_size for the basis (e.g. chunk_size=(1, 1, 8)) "
+                        "or a memory_budget, or free memory."
                     ) from error
                 step = max(1, length // 2)
                 warnings.warn(
                     f"{function}: out of memory on a chunk of {length} samples; "
                     f"retrying with chunks of {step}.",
                     TorchcurvFallbackWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 continue
-            if not looping and any(s in text for s in _UNBATCHABLE):
+            if not looping and work.single is not None and any(s in text for s in _UNBATCHABLE):
                 first_line = str(error).strip().splitlines()[0]
                 warnings.warn(
                     f"{function}: vmap cannot batch an operator ({first_line}); "
                     "falling back to a loop over samples.",
                     TorchcurvFallbackWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 looping = True
                 continue
             if type(error) not in (RuntimeError, ValueError, TypeError, IndexError):
                 raise
             raise type(error)(
-                f"{function}: failed on samples {start}:{start + length} of {batch.size} "
+                f"{function}: failed on samples {start}:{start + length} of {size} "
                 f"(chunk_size={chunk}): {error}"
             ) from error
         start += length
     return output.result()
+
+
+@contextmanager
+def _maybe_seeded(randomness: str, seed: int, index: int, leaves: Sequence[Any]) -> Iterator[None]:
+    """The randomness rule: "same" seeds every chunk alike, "different" by sample index."""
+    if randomness == "error":
+        yield
+        return
+    with seeded(seed, 0 if randomness == "same" else index, leaves):
+        yield
+
+
+def vmapped(func: Callable[..., Any], in_dims: Any, out_dims: Any, randomness: str) -> Work:
+    """`Work` for a single-sample function: vmap for slices, the function for the loop."""
+    inner = "error" if randomness == "error" else "same" if randomness == "same" else "different"
+    return Work(
+        torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=inner), func
+    )
+
 
 
 def per_sample(
@@ -348,54 +433,22 @@ def per_sample(
         )
     chunk = check_batch_chunk_size(name, chunk_size, memory_budget)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
-    probes: dict[Any, tuple[int, int]] = {}
 
     def batched(*args: Any) -> Any:
-        if chunk != "auto":
-            return run_chunked(
-                name,
-                func,
-                args,
-                in_dims=in_dims,
-                out_dims=out_dims,
-                randomness=randomness,
-                chunk=chunk,
-            )
-        batch = _Batch(name, args, in_dims)
-        device = next(
-            (x.device for x in batch.leaves if isinstance(x, torch.Tensor)), torch.device("cpu")
-        )
-        budget = parse_budget(name, memory_budget, device)
-        key = tuple(
-            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else id(x)
-            for x in batch.leaves
-        )
-        first = None
-        if key not in probes:
-            mapped = torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=randomness)
-            work, result = count_allocations(mapped, *batch.narrow(0, 1))
-            result_bytes = sum(x.numel() * x.element_size() for x in tree_flatten(result)[0])
-            probes[key] = (work, result_bytes)
-            first = (1, result)
-        work, result_bytes = probes[key]
-        plan = plan_chunks(
+        work = vmapped(func, in_dims, out_dims, randomness)
+        step = chunk
+        if chunk == "auto":
+            from ._planner import plan_batch  # the planner measures with this runner
+
+            step = plan_batch(name, work, args, in_dims, out_dims, memory_budget).batch
+        return run_batches(
             name,
-            batch=batch.size,
-            axes=(),
-            result_bytes=result_bytes,
-            work_bytes=work,
-            budget=budget,
-        )
-        logger.debug("%s: %s", name, plan.describe())
-        return run_chunked(
-            name,
-            func,
+            work,
             args,
             in_dims=in_dims,
             out_dims=out_dims,
             randomness=randomness,
-            chunk=plan.batch,
-            first=first,
+            chunk=step,
         )
 
     return batched

@@ -18,8 +18,9 @@ Hessian costs about one forward pass with ``n`` tangents plus one backward pass,
 (``k < n`` features), the Hessian is computed with respect to that affine prefix's output and
 projected back, ``H = A^T H_k A``.
 
-The module is private: :func:`torchcurv.per_sample_hessian` dispatches to it for
-``mode="structured"`` and, guided by :func:`prefer_structured`, for ``mode="auto"``.
+`StructuredEngine` (in `torchcurv.engines`) is its face to the engine interface:
+:func:`torchcurv.per_sample_hessian` uses it for ``mode="structured"`` and, when
+:func:`prefer_structured` predicts it faster, for ``mode="auto"``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchcurv._errors import TorchcurvError, UnsupportedModuleError
+from .._compat import global_module_hooks
+from .._errors import TorchcurvError, UnsupportedModuleError
+from .._runner import Work
+from . import Request
 
 __all__ = [
+    "StructuredEngine",
     "prefer_structured",
     "structured_cost",
     "structured_input_hessian",
@@ -1040,3 +1045,84 @@ def prefer_structured(
     except TorchcurvError:
         return False
     return cost["structured_flops"] < cost["generic_flops"]
+
+
+# --------------------------------------------------------------------------------------------
+# The engine interface
+# --------------------------------------------------------------------------------------------
+
+
+class StructuredEngine:
+    """Hessian backpropagation as an engine (see `torchcurv.engines`)."""
+
+    name = "structured"
+
+    def obstacle(self, request: Request) -> str | None:
+        """Why this engine cannot compute `request`, or None if it can."""
+        obj = request.objective
+        if request.order != 2:
+            return "it computes Hessians only"
+        if obj.wrt != "inputs":
+            return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
+        if not obj.single or obj.kwargs:
+            return "the module must take one input tensor and no keyword arguments"
+        if isinstance(obj.output, bool) or not (
+            obj.output is None or isinstance(obj.output, (int, slice))
+        ):
+            return f"output must be None, an int or a slice, got {obj.output!r}"
+        if obj.loss is not None and obj.loss not in (F.cross_entropy, F.mse_loss):
+            return "loss must be torch.nn.functional.cross_entropy or mse_loss"
+        hooks = global_module_hooks()
+        if hooks:
+            return f"global module hooks are registered ({', '.join(hooks)})"
+        for path, layer in obj.module.named_modules():
+            if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0:
+                return f"{type(layer).__name__} at {path!r} is in training mode"
+        reason = unsupported_layer(obj.module)
+        if reason is not None:
+            return reason
+        parsed = _parse(obj.module)
+        assert not isinstance(parsed, str)
+        try:
+            out_dims = len(_shapes(parsed, tuple(obj.xs[0].shape[1:]))[-1])
+        except TorchcurvError as error:
+            return str(error)
+        if out_dims != 1 and (obj.output is not None or obj.loss is not None):
+            return (
+                "output= and loss= need a one-dimensional per-sample output, and this "
+                f"network's has {out_dims} dims"
+            )
+        return None
+
+    def predicted_faster(self, request: Request) -> bool:
+        x = request.objective.xs[0]
+        return prefer_structured(
+            request.objective.module,
+            tuple(x.shape),
+            n_outputs_selected=request.out_numel,
+            dtype_bytes=x.element_size(),
+        )
+
+    def axes(self, request: Request) -> tuple[int, ...]:
+        return ()
+
+    def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
+        obj = request.objective
+        features = tuple(obj.xs[0].shape[1:])
+
+        def batched(x: Tensor, _: object, targets: Tensor | None) -> Tensor:
+            try:
+                with torch.set_grad_enabled(obj.create_graph):
+                    hess = structured_input_hessian(
+                        obj.module,
+                        x,
+                        output=obj.output,  # type: ignore[arg-type]
+                        loss=obj.loss,
+                        targets=targets,
+                    )
+            except TorchcurvError as error:
+                text = str(error).replace(f"{_FN}:", f"{request.function}:", 1)
+                raise type(error)(text) from None
+            return hess.reshape(x.shape[0], *request.out_shape, *features, *features)
+
+        return Work(batched)

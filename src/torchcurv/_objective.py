@@ -1,0 +1,270 @@
+"""A module, inputs and a choice of what to differentiate, as a per-sample objective.
+
+`Objective` holds the checked request of a module-level call (``wrt``, ``output``,
+``loss``/``targets``, ``params``, ``kwargs``) and gives the function of one sample that
+every engine differentiates: ``objective.per_sample(diff, xs, target)``, where ``diff``
+is the differentiated pytree (the sample's inputs, the selected parameters, or both).
+Each sample is fed to the module alone, as a batch of one, so samples never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._checks import as_inputs, check_layers, check_module, check_objective
+from ._compat import tree_flatten, tree_map
+from ._errors import TorchcurvError, argument_error, describe
+from ._functional import functional_of
+from ._types import WRT, LossFunction, OutputSelection, ParamSelection
+
+__all__ = ["Objective", "label", "numel", "per_sample_objective"]
+
+
+def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:
+    if output is None:
+        selected = out
+    elif callable(output):
+        selected = output(out)
+    elif isinstance(out, (tuple, list)) and isinstance(output, int):
+        selected = out[output]
+    else:
+        try:
+            selected = out[output]
+        except (IndexError, TypeError) as error:
+            shape = describe(out)
+            raise TorchcurvError(
+                f"{function}: output={output!r} cannot index the per-sample output {shape}: "
+                f"{error}. Use an index valid for one sample's output (batch dim removed)."
+            ) from None
+    if not isinstance(selected, torch.Tensor):
+        argument_error(
+            function,
+            "output",
+            "did not produce a tensor",
+            selected,
+            "Select a tensor, e.g. output=0 for the first element of a tuple "
+            "output, or output=lambda out: out['logits'].",
+        )
+    return selected
+
+
+def _drop_batch(function: str, out: Any) -> Any:
+    def first(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1:
+            argument_error(
+                function,
+                "module",
+                "must return outputs with a leading batch dim",
+                t,
+                "torchcurv feeds one sample as a batch of one; return (1, ...) "
+                "outputs, or wrap the module.",
+            )
+        return t[0]
+
+    return tree_map(first, out)
+
+
+def _loss_value(function: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        argument_error(
+            function,
+            "loss",
+            "must return a scalar (one-element) tensor",
+            value,
+            "Use a reduction such as reduction='mean' or 'sum'.",
+        )
+    return value.reshape(())
+
+
+class Objective:
+    """A module and a choice of what to differentiate, as functions of one sample."""
+
+    def __init__(
+        self,
+        function: str,
+        module: nn.Module,
+        inputs: Any,
+        *,
+        wrt: Any,
+        params: ParamSelection,
+        output: OutputSelection,
+        loss: LossFunction | None,
+        targets: torch.Tensor | None,
+        kwargs: Mapping[str, Any] | None,
+        create_graph: bool = False,
+    ) -> None:
+        check_module(function, module)
+        if wrt not in WRT:
+            argument_error(
+                function,
+                "wrt",
+                "must be 'inputs', 'params' or 'both'",
+                wrt,
+                "Pass wrt='inputs' (input curvature) or wrt='params'.",
+            )
+        check_objective(function, output, loss, targets)
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            argument_error(
+                function,
+                "kwargs",
+                "must be a dict of keyword arguments",
+                kwargs,
+                "Pass kwargs={'mask': mask}.",
+            )
+        self.function, self.module, self.wrt = function, module, wrt
+        self.output, self.loss, self.targets = output, loss, targets
+        self.kwargs = dict(kwargs or {})
+        self.create_graph = create_graph
+        xs, self.single = as_inputs(function, inputs, wrt != "params")
+        self.xs = tuple(_usable(x, create_graph) for x in xs)
+        if targets is not None:
+            self.targets = _usable(targets, False)
+        if wrt == "inputs" and params is not None:
+            argument_error(
+                function,
+                "params",
+                "only applies with wrt='params' or wrt='both'",
+                params,
+                "Drop params=, or pass wrt='params'.",
+            )
+        self.fn, self.params = functional_of(
+            function, module, params, select=wrt != "inputs", attached=create_graph
+        )
+
+    def diff(self, xs: tuple[Any, ...]) -> Any:
+        """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
+        x = xs[0] if self.single else xs
+        if self.wrt == "inputs":
+            return x
+        if self.wrt == "params":
+            return self.params
+        return {"inputs": x, "params": self.params}
+
+    def _split(self, diff: Any, xs: Any) -> tuple[Mapping[str, torch.Tensor], tuple[Any, ...]]:
+        if self.wrt == "inputs":
+            return self.params, (diff,) if self.single else tuple(diff)
+        if self.wrt == "params":
+            return diff, xs
+        x = diff["inputs"]
+        return diff["params"], (x,) if self.single else tuple(x)
+
+    def per_sample(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
+        """The objective of one sample (fed to the module as a batch of one)."""
+        params, xs = self._split(diff, xs)
+        out = self.fn(params, *(x.unsqueeze(0) for x in xs), **self.kwargs)
+        if self.loss is not None:
+            return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
+        return _select_output(self.function, _drop_batch(self.function, out), self.output)
+
+    def whole_batch(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
+        """The objective of the whole batch (the loss over all samples)."""
+        params, xs = self._split(diff, xs)
+        out = self.fn(params, *xs, **self.kwargs)
+        if self.loss is not None:
+            return _loss_value(self.function, self.loss(out, target))
+        return _select_output(self.function, out, self.output)
+
+    def batch_size(self) -> int:
+        sizes = {x.shape[0] for x in self.xs}
+        if self.targets is not None:
+            if self.targets.dim() == 0:
+                argument_error(
+                    self.function,
+                    "targets",
+                    "must have a leading batch dim",
+                    self.targets,
+                    "Pass one target per sample.",
+                )
+            sizes.add(self.targets.shape[0])
+        if len(sizes) != 1:
+            argument_error(
+                self.function,
+                "inputs",
+                "and targets must have the same batch size",
+                sorted(sizes),
+                "Pass one entry per sample in each.",
+            )
+        return int(sizes.pop())
+
+    def in_dims(self) -> tuple[Any, Any, Any]:
+        x_dims: Any = 0 if self.single else (0,) * len(self.xs)
+        diff_dims: Any = (
+            {"inputs": x_dims, "params": None}
+            if self.wrt == "both"
+            else (x_dims if self.wrt == "inputs" else None)
+        )
+        xs_dims = (0,) * len(self.xs) if self.wrt == "params" else None
+        return diff_dims, xs_dims, None if self.targets is None else 0
+
+    def args(self) -> tuple[Any, Any, Any]:
+        return self.diff(self.xs), self.xs if self.wrt == "params" else None, self.targets
+
+    def signature(self) -> tuple[Any, ...]:
+        """What the memory of one sample's derivative depends on (not the values).
+
+        Callables (an output selector, a loss) enter as themselves, not by ``id()``.
+        """
+        return (
+            self.wrt,
+            self.create_graph,
+            tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in self.params.items()),
+            tuple((tuple(x.shape[1:]), x.dtype, x.device, x.requires_grad) for x in self.xs),
+            None if self.targets is None else (tuple(self.targets.shape[1:]), self.targets.dtype),
+            self.output if callable(self.output) else repr(self.output),
+            self.loss,
+            tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v))
+                  for k, v in sorted(self.kwargs.items())),
+        )
+
+    def probe_sample(self) -> tuple[Any, Any, Any]:
+        """``(diff, xs, target)`` of sample 0, or of a zero sample when the batch is empty."""
+        if self.xs[0].shape[0] > 0:
+            return self.sample(0)
+        xs = tuple(x.new_zeros(x.shape[1:]) for x in self.xs)
+        target = None if self.targets is None else self.targets.new_zeros(self.targets.shape[1:])
+        return self.diff(xs), xs if self.wrt == "params" else None, target
+
+    def sample(self, index: int) -> tuple[Any, Any, Any]:
+        """``(diff, xs, target)`` of one sample, without its batch dim."""
+        xs = tuple(x[index] for x in self.xs)
+        target = None if self.targets is None else self.targets[index]
+        return self.diff(xs), xs if self.wrt == "params" else None, target
+
+
+def _usable(x: torch.Tensor, attached: bool) -> torch.Tensor:
+    """`x` as the derivative sees it: detached unless `attached`; a tensor made under
+    `torch.inference_mode` is copied (such tensors cannot take part in autograd)."""
+    if x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x if attached else x.detach()
+
+
+def per_sample_objective(
+    function: str,
+    module: nn.Module,
+    inputs: Any,
+    randomness: str,
+    **what: Any,
+) -> tuple[Objective, int]:
+    """The checked objective of a per-sample call and its batch size."""
+    obj = Objective(function, module, inputs, **what)
+    check_layers(function, module, randomness)
+    return obj, obj.batch_size()
+
+
+def label(function: str, module: nn.Module) -> str:
+    return f"{function}({type(module).__name__})"
+
+
+def numel(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in tree_flatten(tree)[0])
+
+
+def itemsize(tree: Any) -> int:
+    return max(int(x.element_size()) for x in tree_flatten(tree)[0])

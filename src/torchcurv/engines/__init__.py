@@ -1,0 +1,128 @@
+"""Engines: the ways torchcurv can compute a per-sample derivative, and the one rule
+that chooses between them.
+
+An engine answers three questions about a `Request` (an objective, the derivative's
+order and the per-sample sizes):
+
+- `Engine.obstacle`: why it cannot compute the request, or None if it can;
+- `Engine.axes`: the sizes of the basis axes it can chunk (the planner measures the
+  real computation at small chunk sizes of these axes to plan within the budget);
+- `Engine.work`: a `torchcurv._runner.Work` that computes a slice of the batch with
+  given chunk sizes.
+
+Every module-level call goes: objective -> `choose` -> plan (`torchcurv._planner`) ->
+`torchcurv._runner.run_batches` -> result. No engine gets an argument another lacks:
+output selection, losses, hooks, randomness, ``create_graph`` and errors are the
+objective's, shared by all.
+
+The ``"auto"`` rule, the same words at function and module level: *the fastest engine
+that can compute it*. For a Hessian that is the structured engine (Hessian
+backpropagation) when it applies and its cost model predicts it faster, otherwise
+forward-over-reverse with the inner stage chosen by size (reverse unless the output has
+more entries than the input). For a Jacobian: reverse mode unless the output has more
+entries than the input, then forward mode. The function-level transforms have no
+structured engine, so their ``"auto"`` is the second half of the same rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .._errors import UnsupportedModuleError
+from .._objective import Objective
+from .._runner import Work
+
+__all__ = ["Engine", "Request", "choose", "engine_named"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a module-level call asks for.
+
+    Attributes:
+        function: The public function (for messages).
+        objective: The per-sample objective.
+        order: 1 for a Jacobian, 2 for a Hessian.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        out_shape: Shape of one sample's differentiated output (``()`` for a scalar).
+        in_numel: Entries of one sample's differentiated pytree.
+    """
+
+    function: str
+    objective: Objective
+    order: int
+    randomness: str
+    out_shape: tuple[int, ...]
+    in_numel: int
+
+    @property
+    def out_numel(self) -> int:
+        size = 1
+        for s in self.out_shape:
+            size *= s
+        return size
+
+
+class Engine(Protocol):
+    """The interface every engine implements (see the module docstring)."""
+
+    name: str
+
+    def obstacle(self, request: Request) -> str | None: ...
+
+    def axes(self, request: Request) -> tuple[int, ...]: ...
+
+    def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work: ...
+
+    def predicted_faster(self, request: Request) -> bool: ...
+
+
+def engine_named(mode: str, order: int) -> Engine:
+    """The engine of an explicit mode (``"structured"`` or a torch.func mode)."""
+    from .generic import GenericEngine
+    from .structured import StructuredEngine
+
+    if mode == "structured":
+        return StructuredEngine()
+    return GenericEngine(mode, order)
+
+
+def choose(request: Request, mode: str) -> tuple[Engine, str]:
+    """The engine for `mode`, and why: ``"auto"`` follows the rule in the module docstring.
+
+    Raises:
+        UnsupportedModuleError: If an explicitly named engine cannot compute the request.
+    """
+    if mode != "auto":
+        engine = engine_named(mode, request.order)
+        obstacle = engine.obstacle(request)
+        if obstacle is not None:
+            raise UnsupportedModuleError(
+                f"{request.function}: mode={mode!r} cannot be used here: {obstacle}. Pass "
+                "mode='auto' (which takes an engine that applies) or a generic mode such "
+                "as mode='fwd-over-rev'."
+            )
+        return engine, f"mode={mode!r} was given"
+    if request.order == 2:
+        structured = engine_named("structured", 2)
+        obstacle = structured.obstacle(request)
+        if obstacle is None and structured.predicted_faster(request):
+            return structured, "auto: the structured engine applies and is predicted faster"
+        generic = engine_named(_auto_generic(request), 2)
+        why = (
+            f"auto: the structured engine does not apply ({obstacle})"
+            if obstacle is not None
+            else "auto: the structured engine applies but is predicted slower"
+        )
+        return generic, why
+    generic = engine_named(_auto_generic(request), 1)
+    return generic, "auto: reverse mode unless the output is larger than the input"
+
+
+def _auto_generic(request: Request) -> str:
+    larger_output = request.out_numel > request.in_numel
+    if request.order == 1:
+        return "fwd" if larger_output else "rev"
+    return "fwd-over-fwd" if larger_output else "fwd-over-rev"
+
