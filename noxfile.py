@@ -2,6 +2,10 @@
 
 Sessions:
     tests      pytest over tests/ and the package doctests (posargs go to pytest)
+    tests_torch214
+               the same pytest run on torch 2.14.1, the newest release the dependency
+               range admits; a CUDA build of ~5.5 GB (it runs on CPU), so it is not a
+               default session and CI does not run it: ``nox -s tests_torch214``
     lint       ruff check + ruff format --check
     typecheck  mypy --strict on src/torchcurv (config in pyproject.toml)
     docs       sphinx-build -W --keep-going into docs/_build/html
@@ -24,15 +28,17 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
 TORCH = "torch==2.13.0"  # CPU wheel on local disk; a looser spec pulls a CUDA build
+# The newest torch the dependency range (pyproject.toml) admits; a CUDA build (~5.5 GB).
+TORCH_NEWEST = "torch==2.14.1"
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py", "docs"]
 
 
-def install_project(session: nox.Session, extras: str = "") -> None:
-    """Install the CPU torch wheel, then the project (editable) with ``extras``."""
+def install_project(session: nox.Session, extras: str = "", torch: str = TORCH) -> None:
+    """Install ``torch`` (the pinned CPU wheel by default), then the project with ``extras``."""
     # --no-compile: byte-compiling all of torch triples the install time (~60 s vs ~18 s).
-    session.install("--no-compile", TORCH)
+    session.install("--no-compile", torch)
     session.install("-e", f".[{extras}]" if extras else ".")
 
 
@@ -50,6 +56,14 @@ def tests(session: nox.Session) -> None:
         # The ci profile, and a floor on the hypothesis examples a full run must execute.
         env = {"HYPOTHESIS_PROFILE": "ci", "TORCHCURV_MIN_EXAMPLES": "10000"}
     session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def tests_torch214(session: nox.Session) -> None:
+    # Outside nox.options.sessions and CI: the 2.14.1 wheel is a multi-GB CUDA build.
+    install_project(session, "test", torch=TORCH_NEWEST)
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
+    session.run("pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "dev"})
 
 
 @nox.session

@@ -32,7 +32,7 @@ from ._checks import (
     check_randomness,
 )
 from ._compat import tree_flatten
-from ._errors import TorchcurvError, argument_error
+from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional as functional
 from ._memory import Plan, fit, measure_peak, parse_budget, plan
 from ._objective import Objective, label, numel, per_sample_objective
@@ -134,8 +134,20 @@ def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
 def _out_shape(obj: Objective) -> tuple[int, ...]:
     """Shape of one sample's differentiated output: one forward of a sample, RNG-neutral."""
     diff, xs, target = obj.probe_sample()
-    with torch.random.fork_rng(devices=_devices(list(obj.xs))), torch.no_grad():
-        out = obj.per_sample(diff, xs, target)
+    try:
+        with torch.random.fork_rng(devices=_devices(list(obj.xs))), torch.no_grad():
+            out = obj.per_sample(diff, xs, target)
+    except TorchcurvError:
+        raise
+    except Exception as error:
+        shapes = ", ".join(describe(x) for x in obj.xs)
+        given = "" if obj.targets is None else f" and targets {describe(obj.targets)}"
+        raise TorchcurvError(
+            f"{obj.function}: the forward of one sample failed: {type(obj.module).__name__} "
+            f"on inputs {shapes}{given} (each sample is fed as a batch of one) raised "
+            f"{type(error).__name__}: {error}. Check that the inputs (and targets) have the "
+            "shapes and dtypes the module (and loss) expect, with the batch dim first."
+        ) from error
     return tuple(out.shape)
 
 
