@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchcurv
-from torchcurv._runner import seeded
 from torchcurv import reference
+from torchcurv._runner import seeded
 from torchcurv.testing import assert_per_sample_matches_loop, assert_trees_close
 
 D = torch.float64

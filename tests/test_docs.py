@@ -180,3 +180,16 @@ def test_api_coverage_check_names_what_is_missing(tmp_path: Path) -> None:
     assert "torchcurv.hessian is in __all__" not in warnings_text
     assert "torchcurv.jacobian (expected on 'index') is in __all__ but not" in warnings_text
     assert "torchcurv.reference (expected on 'index') is in __all__ but not" in warnings_text
+
+
+def test_the_readme_snippets_run_in_order() -> None:
+    """Every ```python block of the README, run top to bottom in one namespace."""
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) >= 4
+    namespace: dict[str, Any] = {}
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
+        except Exception as error:  # pragma: no cover - the message is the point
+            pytest.fail(f"README python block {index + 1} failed: {error!r}\n{block}")

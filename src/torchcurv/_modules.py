@@ -97,9 +97,7 @@ class Decision:
     def __str__(self) -> str:
         from ._memory import format_bytes
 
-        peak = "not measured" if self.predicted_peak is None else format_bytes(
-            self.predicted_peak
-        )
+        peak = "not measured" if self.predicted_peak is None else format_bytes(self.predicted_peak)
         budget = "none" if self.budget is None else format_bytes(self.budget)
         return (
             f"{self.function}: engine {self.engine!r} ({self.why_engine}); batch chunk "
@@ -121,10 +119,10 @@ def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
     """Grad on, inference mode off, for the derivative; refuse create_graph without grad."""
     check_flag(function, "create_graph", create_graph)
     if create_graph and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()):
+        context = "inference_mode" if torch.is_inference_mode_enabled() else "no_grad"
         raise TorchcurvError(
             f"{function}: create_graph=True needs grad mode, got a call under "
-            f"{'torch.inference_mode()' if torch.is_inference_mode_enabled() else 'torch.no_grad()'}"
-            ". Call it outside that context, or pass create_graph=False (the derivatives "
+            f"torch.{context}(). Call it outside that context, or pass create_graph=False (the derivatives "
             "are still computed, detached)."
         )
     with torch.inference_mode(False), torch.enable_grad():
@@ -179,15 +177,29 @@ def _prepare(
     axis_chunks = axis_chunks[: len(axes)]
     if batch_chunk != "auto":
         decision = Decision(
-            function, engine.name, why_engine, batch_chunk, axis_chunks, axes, None, None,
+            function,
+            engine.name,
+            why_engine,
+            batch_chunk,
+            axis_chunks,
+            axes,
+            None,
+            None,
             "chunk sizes given",
         )
         return _Call(request, engine, decision, size)
     budget = parse_budget(function, memory_budget, obj.xs[0].device)
     chosen = _plan(request, engine, axes, size, budget)
     decision = Decision(
-        function, engine.name, why_engine, chosen.batch, chosen.axes, axes,
-        chosen.predicted_peak, budget, chosen.reason,
+        function,
+        engine.name,
+        why_engine,
+        chosen.batch,
+        chosen.axes,
+        axes,
+        chosen.predicted_peak,
+        budget,
+        chosen.reason,
     )
     logger.debug("%s", decision)
     return _Call(request, engine, decision, size)
@@ -381,9 +393,21 @@ def per_sample_hessian(
     name = "per_sample_hessian"
     with _grad_mode(name, create_graph):
         call = _prepare(
-            name, module, inputs, order=2, mode=mode, chunk_size=chunk_size,
-            memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
-            wrt=wrt, params=params, output=output, loss=loss, targets=targets, kwargs=kwargs,
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            wrt=wrt,
+            params=params,
+            output=output,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
         )
         return _run(call)
 
@@ -448,9 +472,21 @@ def per_sample_jacobian(
     name = "per_sample_jacobian"
     with _grad_mode(name, create_graph):
         call = _prepare(
-            name, module, inputs, order=1, mode=mode, chunk_size=chunk_size,
-            memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
-            wrt=wrt, params=params, output=output, loss=loss, targets=targets, kwargs=kwargs,
+            name,
+            module,
+            inputs,
+            order=1,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            wrt=wrt,
+            params=params,
+            output=output,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
         )
         return _run(call)
 
@@ -505,8 +541,12 @@ def explain(
         )
     name, order = _EXPLAINABLE[function]
     create_graph = options.pop("create_graph", False)
-    defaults: dict[str, Any] = {"mode": "auto", "chunk_size": "auto", "memory_budget": None,
-                                "randomness": "error"}
+    defaults: dict[str, Any] = {
+        "mode": "auto",
+        "chunk_size": "auto",
+        "memory_budget": None,
+        "randomness": "error",
+    }
     plan_options = {k: options.pop(k, v) for k, v in defaults.items()}
     what = {k: options.pop(k, None) for k in ("params", "output", "loss", "targets", "kwargs")}
     what["wrt"] = options.pop("wrt", "inputs")
@@ -520,7 +560,12 @@ def explain(
         )
     with _grad_mode(name, create_graph):
         return _prepare(
-            name, module, inputs, order=order, create_graph=create_graph, **plan_options,
+            name,
+            module,
+            inputs,
+            order=order,
+            create_graph=create_graph,
+            **plan_options,
             **what,
         ).decision
 
@@ -592,8 +637,16 @@ def batch_hessian(
         )
     with _grad_mode(name, create_graph):
         obj = Objective(
-            name, module, inputs, wrt=wrt, params=params, output=None, loss=loss,
-            targets=targets, kwargs=kwargs, create_graph=create_graph,
+            name,
+            module,
+            inputs,
+            wrt=wrt,
+            params=params,
+            output=None,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
+            create_graph=create_graph,
         )
         check_layers(name, module, randomness)
         obj.batch_size()

@@ -217,8 +217,10 @@ class Objective:
             None if self.targets is None else (tuple(self.targets.shape[1:]), self.targets.dtype),
             self.output if callable(self.output) else repr(self.output),
             self.loss,
-            tuple((k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v))
-                  for k, v in sorted(self.kwargs.items())),
+            tuple(
+                (k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v))
+                for k, v in sorted(self.kwargs.items())
+            ),
         )
 
     def probe_sample(self) -> tuple[Any, Any, Any]:

@@ -36,7 +36,6 @@ from ._compat import (
     broadcast_to_and_flatten,
     is_functorch_wrapped,
     tree_flatten,
-    tree_map,
     tree_unflatten,
 )
 from ._errors import (
@@ -240,9 +239,7 @@ def batch_size(function: str, args: tuple[Any, ...], in_dims: Any) -> int:
     return _Batch(function, args, in_dims).size
 
 
-def _empty_result(
-    function: str, work: Work, batch: _Batch, out_dims: Any, output: _Output
-) -> Any:
+def _empty_result(function: str, work: Work, batch: _Batch, out_dims: Any, output: _Output) -> Any:
     """B=0: the result of one zero sample, cut to no samples (shapes are right)."""
     leaves = [
         leaf if dim is None else leaf.new_zeros((*leaf.shape[:dim], 1, *leaf.shape[dim + 1 :]))
@@ -370,10 +367,7 @@ def _maybe_seeded(randomness: str, seed: int, index: int, leaves: Sequence[Any])
 def vmapped(func: Callable[..., Any], in_dims: Any, out_dims: Any, randomness: str) -> Work:
     """`Work` for a single-sample function: vmap for slices, the function for the loop."""
     inner = "error" if randomness == "error" else "same" if randomness == "same" else "different"
-    return Work(
-        torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=inner), func
-    )
-
+    return Work(torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=inner), func)
 
 
 def per_sample(

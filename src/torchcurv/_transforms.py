@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+
 from ._checks import (
     check_argnums,
     check_callable,
@@ -115,9 +116,7 @@ class _RNGReplay:
             torch.cuda.set_rng_state(state, device)
 
 
-def _basis_chunk(
-    like: Sequence[torch.Tensor], start: int, rows: int
-) -> tuple[torch.Tensor, ...]:
+def _basis_chunk(like: Sequence[torch.Tensor], start: int, rows: int) -> tuple[torch.Tensor, ...]:
     """Basis vectors ``e_start .. e_(start+rows-1)`` of the space of `like`.
 
     Laid out as ``(rows, *leaf.shape)`` per leaf: the one-hot entries that fall into the

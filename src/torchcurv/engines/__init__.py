@@ -125,4 +125,3 @@ def _auto_generic(request: Request) -> str:
     if request.order == 1:
         return "fwd" if larger_output else "rev"
     return "fwd-over-fwd" if larger_output else "fwd-over-rev"
-
