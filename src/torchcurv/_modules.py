@@ -34,10 +34,10 @@ from ._checks import (
 from ._compat import tree_flatten
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional as functional
-from ._memory import Plan, fit, measure_peak, parse_budget, plan
+from ._memory import Plan, fit, parse_budget, plan
 from ._objective import Objective, label, numel, per_sample_objective
-from ._runner import run_batches
-from ._transforms import hessian, probing
+from ._runner import Batch, cuda_devices, measure_work, run_batches
+from ._transforms import hessian
 from ._types import (
     BATCH_RANDOMNESS,
     HESSIAN_MODES,
@@ -122,8 +122,8 @@ def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
         context = "inference_mode" if torch.is_inference_mode_enabled() else "no_grad"
         raise TorchcurvError(
             f"{function}: create_graph=True needs grad mode, got a call under "
-            f"torch.{context}(). Call it outside that context, or pass create_graph=False (the derivatives "
-            "are still computed, detached)."
+            f"torch.{context}(). Call it outside that context, or pass "
+            "create_graph=False (the derivatives are still computed, detached)."
         )
     with torch.inference_mode(False), torch.enable_grad():
         yield
@@ -133,7 +133,7 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
     """Shape of one sample's differentiated output: one forward of a sample, RNG-neutral."""
     diff, xs, target = obj.probe_sample()
     try:
-        with torch.random.fork_rng(devices=_devices(list(obj.xs))), torch.no_grad():
+        with torch.random.fork_rng(devices=cuda_devices(list(obj.xs))), torch.no_grad():
             out = obj.per_sample(diff, xs, target)
     except TorchcurvError:
         raise
@@ -229,60 +229,28 @@ _MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyD
 
 
 def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, budget: int) -> Plan:
+    """Chunk sizes within `budget`, from measurements of the engine's real derivative."""
     obj = request.objective
-    leaves = tree_flatten(obj.args())[0]
-    result_bytes = _result_bytes(request)
     key = (engine.name, request.order, request.randomness, axes, obj.signature())
     cache = _MODELS.setdefault(obj.module, {})
     if key not in cache:
-        args = obj.args()
-        in_dims = obj.in_dims()
+        batch = Batch(request.function, obj.args(), obj.in_dims())
 
-        def measure(b: int, chunks: tuple[int, ...]) -> int:
+        def measure(length: int, chunks: tuple[int, ...]) -> int:
             work = engine.work(request, chunks)
-            with probing(), torch.random.fork_rng(devices=_devices(leaves)):
-                peak, _ = measure_peak(work.batched, *_slice(args, in_dims, b))
-            return peak
+            return measure_work(work, batch, length, chunks)[0]
 
-        max_batch = 1 if request.randomness == "different" else min(size, 2) or 1
-        cache[key] = fit(measure, axes, max_batch=max_batch)
+        one_at_a_time = request.randomness == "different"
+        cache[key] = fit(measure, axes, max_batch=1 if one_at_a_time else 2)
     return plan(
         request.function,
         batch=size,
         axes=axes,
         model=cache[key],
-        result_bytes=result_bytes,
+        result_bytes=_result_bytes(request),
         budget=budget,
         batch_limit=1 if request.randomness == "different" else None,
     )
-
-
-def _devices(leaves: list[Any]) -> list[int]:
-    return sorted(
-        {x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda}
-    )
-
-
-def _slice(args: tuple[Any, ...], in_dims: Any, b: int) -> tuple[Any, ...]:
-    """The first `b` samples of `args` (repeating sample 0 when there are fewer)."""
-    from ._runner import _Batch
-
-    batch = _Batch("plan", args, in_dims)
-    if batch.size >= b:
-        return batch.narrow(0, b)
-    leaves = [
-        leaf
-        if dim is None
-        else (
-            leaf.narrow(dim, 0, 1).expand(*leaf.shape[:dim], b, *leaf.shape[dim + 1 :])
-            if leaf.shape[dim] > 0
-            else leaf.new_zeros((*leaf.shape[:dim], b, *leaf.shape[dim + 1 :]))
-        )
-        for leaf, dim in zip(batch.leaves, batch.dims, strict=True)
-    ]
-    from ._compat import tree_unflatten
-
-    return tuple(tree_unflatten(leaves, batch.spec))
 
 
 def _result_bytes(request: Request) -> int:

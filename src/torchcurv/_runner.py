@@ -44,9 +44,23 @@ from ._errors import (
     TorchcurvFallbackWarning,
     argument_error,
 )
+from ._memory import Plan, fit, measure_peak, parse_budget, plan
+from ._transforms import probing
 from ._types import BATCH_RANDOMNESS, BatchChunk
 
-__all__ = ["Work", "batch_size", "per_sample", "run_batches", "seeded"]
+__all__ = [
+    "Batch",
+    "Work",
+    "batch_size",
+    "cuda_devices",
+    "measure_work",
+    "per_sample",
+    "plan_batch",
+    "result_bytes",
+    "run_batches",
+    "seeded",
+    "vmapped",
+]
 
 logger = logging.getLogger("torchcurv")
 
@@ -85,7 +99,8 @@ def _is_wrapped(leaves: Sequence[Any]) -> bool:
     return any(is_functorch_wrapped(x) for x in leaves)
 
 
-def _devices(leaves: Sequence[Any]) -> list[int]:
+def cuda_devices(leaves: Sequence[Any]) -> list[int]:
+    """Indices of the CUDA devices of the tensors in `leaves` (for `fork_rng`)."""
     return sorted(
         {
             x.device.index or 0
@@ -98,12 +113,12 @@ def _devices(leaves: Sequence[Any]) -> list[int]:
 @contextmanager
 def seeded(seed: int, key: int, leaves: Sequence[Any]) -> Iterator[None]:
     """Run with torch's generators seeded by ``(seed, key)``; restored afterwards."""
-    with torch.random.fork_rng(devices=_devices(leaves)):
+    with torch.random.fork_rng(devices=cuda_devices(leaves)):
         torch.manual_seed((seed ^ ((key + 1) * _SEED_MIX)) % 2**63)
         yield
 
 
-class _Batch:
+class Batch:
     """The batched arguments of one call: flat leaves, their batch dims and the size."""
 
     def __init__(self, function: str, args: tuple[Any, ...], in_dims: Any) -> None:
@@ -154,6 +169,23 @@ class _Batch:
     def narrow(self, start: int, length: int) -> tuple[Any, ...]:
         leaves = [
             leaf if dim is None else leaf.narrow(dim, start, length)
+            for leaf, dim in zip(self.leaves, self.dims, strict=True)
+        ]
+        return tuple(tree_unflatten(leaves, self.spec))
+
+    def first(self, length: int) -> tuple[Any, ...]:
+        """The first `length` samples, repeating sample 0 (or zeros) when there are fewer."""
+        if self.size >= length:
+            return self.narrow(0, length)
+
+        def repeat(leaf: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = (*leaf.shape[:dim], length, *leaf.shape[dim + 1 :])
+            if leaf.shape[dim] == 0:
+                return leaf.new_zeros(shape)
+            return leaf.narrow(dim, 0, 1).expand(shape)
+
+        leaves = [
+            leaf if dim is None else repeat(leaf, dim)
             for leaf, dim in zip(self.leaves, self.dims, strict=True)
         ]
         return tuple(tree_unflatten(leaves, self.spec))
@@ -236,10 +268,10 @@ class _Output:
 
 def batch_size(function: str, args: tuple[Any, ...], in_dims: Any) -> int:
     """The batch size of `args` under `in_dims` (checked)."""
-    return _Batch(function, args, in_dims).size
+    return Batch(function, args, in_dims).size
 
 
-def _empty_result(function: str, work: Work, batch: _Batch, out_dims: Any, output: _Output) -> Any:
+def _empty_result(function: str, work: Work, batch: Batch, out_dims: Any, output: _Output) -> Any:
     """B=0: the result of one zero sample, cut to no samples (shapes are right)."""
     leaves = [
         leaf if dim is None else leaf.new_zeros((*leaf.shape[:dim], 1, *leaf.shape[dim + 1 :]))
@@ -270,7 +302,7 @@ def run_batches(
     an operator cannot be batched (with a `TorchcurvFallbackWarning` naming it). Random
     operations follow the rule in the module docstring.
     """
-    batch = _Batch(function, args, in_dims)
+    batch = Batch(function, args, in_dims)
     with DERIVATIVE_LOCK:
         return _run(function, work, batch, out_dims, randomness, chunk)
 
@@ -278,7 +310,7 @@ def run_batches(
 def _run(
     function: str,
     work: Work,
-    batch: _Batch,
+    batch: Batch,
     out_dims: Any,
     randomness: str,
     chunk: int | None,
@@ -432,9 +464,8 @@ def per_sample(
         work = vmapped(func, in_dims, out_dims, randomness)
         step = chunk
         if chunk == "auto":
-            from ._planner import plan_batch  # the planner measures with this runner
-
-            step = plan_batch(name, work, args, in_dims, out_dims, memory_budget).batch
+            batch = Batch(name, args, in_dims)
+            step = plan_batch(name, work, batch, randomness, memory_budget).batch
         return run_batches(
             name,
             work,
@@ -446,3 +477,52 @@ def per_sample(
         )
 
     return batched
+
+
+def measure_work(
+    work: Work, batch: Batch, length: int, chunks: tuple[int, ...] | None = None
+) -> tuple[int, Any]:
+    """Peak live bytes of `work` on the first `length` samples, and its result.
+
+    RNG-neutral (the generators are restored). Under `torchcurv._transforms.probing`
+    (when `chunks` is given) only two basis chunks per stage are computed.
+    """
+    with DERIVATIVE_LOCK, torch.random.fork_rng(devices=cuda_devices(batch.leaves)):
+        if chunks is None:
+            return measure_peak(work.batched, *batch.first(length))
+        with probing():
+            return measure_peak(work.batched, *batch.first(length))
+
+
+def result_bytes(result: Any, length: int) -> int:
+    """Bytes of one sample's result in `result`, computed for `length` samples."""
+    total = sum(x.numel() * x.element_size() for x in tree_flatten(result)[0])
+    return total // max(length, 1)
+
+
+def plan_batch(
+    function: str, work: Work, batch: Batch, randomness: str, memory_budget: Any
+) -> Plan:
+    """Samples per vectorised call for `work` within the budget, from measurements."""
+    device = next(
+        (x.device for x in batch.leaves if isinstance(x, torch.Tensor)), torch.device("cpu")
+    )
+    budget = parse_budget(function, memory_budget, device)
+    per_sample_result: list[int] = []
+
+    def measure(length: int, chunks: tuple[int, ...]) -> int:
+        peak, result = measure_work(work, batch, length)
+        per_sample_result.append(result_bytes(result, length))
+        return peak
+
+    limit = 1 if randomness == "different" else None
+    model = fit(measure, (), max_batch=1 if limit else 2)
+    return plan(
+        function,
+        batch=batch.size,
+        axes=(),
+        model=model,
+        result_bytes=max(per_sample_result),
+        budget=budget,
+        batch_limit=limit,
+    )
