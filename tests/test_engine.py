@@ -301,3 +301,44 @@ def test_explain_refuses_other_functions_and_unknown_options() -> None:
         torchcurv.explain(torchcurv.hessian, model, X)
     with pytest.raises(torchcurv.TorchcurvError, match=r"explain: options has keywords"):
         torchcurv.explain(torchcurv.per_sample_hessian, model, X, chunk=3)
+
+
+# --------------------------------------------------------------------------------------
+# correct where torch.func is not
+# --------------------------------------------------------------------------------------
+
+MODES = ["fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd"]
+
+
+def layer_norm_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3)).to(D)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_norm_parameter_hessians_equal_double_backward(mode: str) -> None:
+    # torch.func.hessian gets H["1.weight"]["0.bias"] wrong here (pytorch/pytorch#196700)
+    model, X, y = layer_norm_model(), torch.randn(3, 4, dtype=D), torch.tensor([0, 2, 1])
+    H = torchcurv.per_sample_hessian(
+        model, X, wrt="params", loss=F.cross_entropy, targets=y, mode=mode
+    )
+    fn, params = torchcurv.functional(model)
+    for i in range(3):
+        expected = torchcurv.reference.hessian(
+            lambda p, i=i: F.cross_entropy(fn(p, X[i : i + 1]), y[i : i + 1])
+        )(params)
+        got = {a: {b: block[i] for b, block in row.items()} for a, row in H.items()}
+        assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_function_level_hessians_of_layer_norm_equal_double_backward(mode: str) -> None:
+    torch.manual_seed(1)
+    x, w = torch.randn(5, dtype=D), torch.randn(5, dtype=D)
+    c = torch.randn(5, dtype=D)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (c * F.layer_norm(x, (5,), w)).sum()
+
+    H = torchcurv.hessian(f, argnums=(0, 1), mode=mode)(x, w)
+    assert_trees_close(H, torchcurv.reference.hessian(f, argnums=(0, 1))(x, w))

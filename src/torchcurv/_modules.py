@@ -624,7 +624,4 @@ def batch_hessian(
             chunk_size=chunk_size,
             randomness=randomness,  # type: ignore[arg-type]
         )
-        from ._decompositions import corrected_ops
-
-        with corrected_ops():
-            return transform(obj.diff(obj.xs), obj.xs, obj.targets)
+        return transform(obj.diff(obj.xs), obj.xs, obj.targets)

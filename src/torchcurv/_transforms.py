@@ -1,5 +1,10 @@
 """Function transforms: `jacobian`, `hessian`, `hvp`, `vhp`.
 
+Second derivatives are computed under `torchcurv._decompositions.corrected_ops`, which
+routes the ops whose upstream second-order rules are wrong (layer norm, batch norm, ...)
+through primitive decompositions, and under the process-wide derivative lock
+(`torchcurv._compat.DERIVATIVE_LOCK`), so threads do not corrupt torch.func's levels.
+
 One mechanism does all the work: `_map_basis` pushes chunks of a standard basis
 through a linear map (a `jvp` for forward mode, a `vjp` for reverse mode) under
 `vmap`, a chunk at a time. A Jacobian is one such map; a Hessian is a Jacobian of a
@@ -28,6 +33,7 @@ from ._checks import (
     resolve_argnums,
 )
 from ._compat import DERIVATIVE_LOCK, TreeSpec, tree_flatten, tree_map, tree_unflatten
+from ._decompositions import corrected_ops
 from ._errors import TorchcurvError, argument_error, describe
 from ._types import (
     HESSIAN_MODES,
@@ -274,7 +280,7 @@ def _jacobian(
     """`jacobian` without the argument checks (the caller made them)."""
 
     def jacobian_of_func(*args: Any, **kwargs: Any) -> Any:
-        with DERIVATIVE_LOCK:
+        with DERIVATIVE_LOCK, corrected_ops():
             return _jacobian_call(args, kwargs)
 
     def _jacobian_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -589,7 +595,7 @@ def hvp(
     check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    with DERIVATIVE_LOCK:
+    with DERIVATIVE_LOCK, corrected_ops():
         result: Any = torch.func.jvp(grad_fn, primals, tangents, has_aux=True)
     _, product, (value, aux) = result
     return (value, product, aux) if has_aux else (value, product)
@@ -634,7 +640,7 @@ def vhp(
     check_flag(name, "has_aux", has_aux)
     _check_primals(name, primals, tangents)
     grad_fn = _scalar_grad(name, func, len(primals), has_aux)
-    with DERIVATIVE_LOCK:
+    with DERIVATIVE_LOCK, corrected_ops():
         result: Any = torch.func.vjp(grad_fn, *primals, has_aux=True)
         _, vjp_fn, (value, aux) = result
         product = vjp_fn(tangents)

@@ -1,30 +1,18 @@
 """The generic engine: torch.func's modes, vmapped over the batch.
 
 `torchcurv.jacobian` / `torchcurv.hessian` differentiate the objective of one sample
-(chunked over their basis axes); the runner vmaps that over a batch slice. Ops whose
-second-order rules are wrong upstream are routed through decompositions
-(`torchcurv._decompositions.corrected_ops`) inside the derivative.
+(chunked over their basis axes, with the ops whose second-order rules are wrong upstream
+routed through `torchcurv._decompositions.corrected_ops`); the runner vmaps that over a
+batch slice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from .._decompositions import corrected_ops
 from .._runner import Work, vmapped
 from .._transforms import hessian, hessian_basis_sizes, jacobian
 from . import Request
 
 __all__ = ["GenericEngine"]
-
-
-def _corrected(func: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        with corrected_ops():
-            return func(*args)
-
-    return run
 
 
 class GenericEngine:
@@ -64,6 +52,4 @@ class GenericEngine:
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,  # type: ignore[arg-type]
             )
-        work = vmapped(transform, obj.in_dims(), 0, request.randomness)
-        assert work.single is not None
-        return Work(_corrected(work.batched), _corrected(work.single))
+        return vmapped(transform, obj.in_dims(), 0, request.randomness)
