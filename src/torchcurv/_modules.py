@@ -231,7 +231,8 @@ _MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyD
 def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, budget: int) -> Plan:
     """Chunk sizes within `budget`, from measurements of the engine's real derivative."""
     obj = request.objective
-    key = (engine.name, request.order, request.randomness, axes, obj.signature())
+    result_bytes = _result_bytes(request)
+    key = (engine.name, request.order, request.randomness, axes, budget, obj.signature())
     cache = _MODELS.setdefault(obj.module, {})
     if key not in cache:
         batch = Batch(request.function, obj.args(), obj.in_dims())
@@ -241,13 +242,19 @@ def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, bu
             return measure_work(work, batch, length, chunks)[0]
 
         one_at_a_time = request.randomness == "different"
-        cache[key] = fit(measure, axes, max_batch=1 if one_at_a_time else 2)
+        cache[key] = fit(
+            measure,
+            axes,
+            max_batch=1 if one_at_a_time else 2,
+            result_bytes=result_bytes,
+            limit=budget,
+        )
     return plan(
         request.function,
         batch=size,
         axes=axes,
         model=cache[key],
-        result_bytes=_result_bytes(request),
+        result_bytes=result_bytes,
         budget=budget,
         batch_limit=1 if request.randomness == "different" else None,
     )
@@ -257,7 +264,7 @@ def _result_bytes(request: Request) -> int:
     """Bytes of one sample's result: ``out x in^order`` entries."""
     obj = request.objective
     itemsize = max(int(x.element_size()) for x in tree_flatten(obj.probe_sample()[0])[0])
-    return request.out_numel * request.in_numel**request.order * itemsize
+    return int(request.out_numel * request.in_numel**request.order * itemsize)
 
 
 # --------------------------------------------------------------------------------------
@@ -622,6 +629,6 @@ def batch_hessian(
             obj.whole_batch,
             mode=mode,  # type: ignore[arg-type]
             chunk_size=chunk_size,
-            randomness=randomness,  # type: ignore[arg-type]
+            randomness=randomness,
         )
         return transform(obj.diff(obj.xs), obj.xs, obj.targets)

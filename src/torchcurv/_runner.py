@@ -462,8 +462,10 @@ def per_sample(
 
     def batched(*args: Any) -> Any:
         work = vmapped(func, in_dims, out_dims, randomness)
-        step = chunk
-        if chunk == "auto":
+        step: int | None
+        if chunk != "auto":
+            step = chunk
+        else:
             batch = Batch(name, args, in_dims)
             step = plan_batch(name, work, batch, randomness, memory_budget).batch
         return run_batches(
@@ -496,7 +498,7 @@ def measure_work(
 
 def result_bytes(result: Any, length: int) -> int:
     """Bytes of one sample's result in `result`, computed for `length` samples."""
-    total = sum(x.numel() * x.element_size() for x in tree_flatten(result)[0])
+    total = sum(int(x.numel()) * int(x.element_size()) for x in tree_flatten(result)[0])
     return total // max(length, 1)
 
 
@@ -516,7 +518,7 @@ def plan_batch(
         return peak
 
     limit = 1 if randomness == "different" else None
-    model = fit(measure, (), max_batch=1 if limit else 2)
+    model = fit(measure, (), max_batch=1 if limit else 2, limit=budget)
     return plan(
         function,
         batch=batch.size,
