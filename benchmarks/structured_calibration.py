@@ -8,8 +8,9 @@ of minima, which are more robust on a shared machine), the cost model's predicte
 whether the prediction picked the faster path (by median time).
 
 ``--fit`` additionally times both paths on a grid of shapes and fits the machine constants of
-the cost model (``_ELEM_COST``, ``_BMM_COST``, ``_OP_COST_*`` in ``torchcurv/engines/structured.py``)
-by non-negative least squares on relative errors; paste the printed values there.
+the cost model (``_ELEM_COST``, ``_BMM_COST``, ``_OP_COST_*`` in
+``torchcurv/engines/structured.py``) by non-negative least squares on relative errors;
+paste the printed values there.
 
 Usage::
 

@@ -21,30 +21,30 @@ from ._transforms import vhp as vhp
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
+    # function transforms
+    "hessian",
+    "hvp",
+    "jacobian",
+    "vhp",
+    # batching
+    "per_sample",
+    # modules
+    "batch_hessian",
+    "functional",
+    "per_sample_hessian",
+    "per_sample_jacobian",
     # decisions
     "Decision",
     "explain",
+    # layout
+    "from_matrix",
+    "to_matrix",
+    # oracle
+    "reference",
     # errors
     "MemoryBudgetError",
     "TorchcurvError",
     "TorchcurvFallbackWarning",
     "UnsupportedModuleError",
-    # modules
-    "batch_hessian",
-    # layout
-    "from_matrix",
-    "functional",
-    # function transforms
-    "hessian",
-    "hvp",
-    "jacobian",
-    # batching
-    "per_sample",
-    "per_sample_hessian",
-    "per_sample_jacobian",
-    # oracle
-    "reference",
-    "to_matrix",
-    "vhp",
 ]

@@ -15,8 +15,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .. import reference
-from .._layout import to_matrix
 from .._checks import check_differentiable, resolve_argnums
+from .._layout import to_matrix
 from .._transforms import _assemble, _columns_to_blocks, _flat_output
 
 __all__ = [
