@@ -15,6 +15,7 @@ the results carry gradients to them.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from ._checks import (
 from ._compat import tree_flatten
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional as functional
-from ._memory import Plan, fit, parse_budget, plan
+from ._memory import DEFAULT_WORKING_SET, SAFETY_MARGIN, Plan, fit, parse_budget, plan
 from ._objective import Objective, label, numel, per_sample_objective
 from ._runner import Batch, cuda_devices, measure_work, run_batches
 from ._transforms import hessian
@@ -229,19 +230,33 @@ _MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyD
 
 
 def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, budget: int) -> Plan:
-    """Chunk sizes within `budget`, from measurements of the engine's real derivative."""
+    """Chunk sizes within `budget`, from measurements of the engine's real derivative.
+
+    First a quick check that costs three small measurements: if one sample with
+    chunks of one, scaled by the basis sizes and the batch (an upper bound), fits the
+    budget, the unchunked call on one and on two samples is measured; when the whole
+    batch is predicted to fit the budget and the working-set cap, it runs unchunked.
+    Otherwise `torchcurv._memory.fit` measures its ladder and `plan` chooses.
+    """
     obj = request.objective
     result_bytes = _result_bytes(request)
     key = (engine.name, request.order, request.randomness, axes, budget, obj.signature())
     cache = _MODELS.setdefault(obj.module, {})
+    batch = Batch(request.function, obj.args(), obj.in_dims())
+    one_at_a_time = request.randomness == "different"
+
+    def measure(length: int, chunks: tuple[int, ...]) -> int:
+        work = engine.work(request, chunks)
+        return measure_work(work, batch, length, chunks)[0]
+
+    whole_key = (key, "whole", size)
+    if whole_key not in cache:
+        cache[whole_key] = (
+            None if one_at_a_time else _whole(measure, axes, size, result_bytes, budget)
+        )
+    if cache[whole_key] is not None:
+        return cache[whole_key]  # type: ignore[no-any-return]
     if key not in cache:
-        batch = Batch(request.function, obj.args(), obj.in_dims())
-
-        def measure(length: int, chunks: tuple[int, ...]) -> int:
-            work = engine.work(request, chunks)
-            return measure_work(work, batch, length, chunks)[0]
-
-        one_at_a_time = request.randomness == "different"
         cache[key] = fit(
             measure,
             axes,
@@ -256,8 +271,29 @@ def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, bu
         model=cache[key],
         result_bytes=result_bytes,
         budget=budget,
-        batch_limit=1 if request.randomness == "different" else None,
+        batch_limit=1 if one_at_a_time else None,
     )
+
+
+def _whole(
+    measure: Callable[[int, tuple[int, ...]], int],
+    axes: tuple[int, ...],
+    size: int,
+    result_bytes: int,
+    budget: int,
+) -> Plan | None:
+    """The unchunked plan when it is measured to fit (see `_plan`), else None."""
+    ones = tuple(1 for _ in axes)
+    bound = measure(1, ones) * math.prod(axes) * max(size, 1)
+    if bound > budget:
+        return None  # measuring the unchunked call could itself break the budget
+    one = measure(1, axes)
+    per_sample = max(measure(2, axes) - one, 0) if size > 1 else one
+    predicted = int((one + (size - 1) * per_sample) * (1 + SAFETY_MARGIN))
+    working_set = predicted - 2 * size * result_bytes
+    if predicted > budget or working_set > DEFAULT_WORKING_SET:
+        return None
+    return Plan(size, axes, predicted, budget, "fits whole", max(working_set, 0), 1)
 
 
 def _result_bytes(request: Request) -> int:
