@@ -342,3 +342,50 @@ def test_function_level_hessians_of_layer_norm_equal_double_backward(mode: str) 
 
     H = torchcurv.hessian(f, argnums=(0, 1), mode=mode)(x, w)
     assert_trees_close(H, torchcurv.reference.hessian(f, argnums=(0, 1))(x, w))
+
+
+def test_auto_falls_back_when_the_structured_engine_cannot_use_the_targets() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).to(D)
+    X, y = torch.randn(5, 4, dtype=D), torch.tensor([0, -100, 2, 1, -100])  # ignore_index
+    decision = torchcurv.explain(
+        torchcurv.per_sample_hessian, model, X, loss=F.cross_entropy, targets=y
+    )
+    assert decision.engine == "fwd-over-rev"
+    assert "values in [-100, 2]" in decision.why_engine
+    H = torchcurv.per_sample_hessian(model, X, loss=F.cross_entropy, targets=y)
+    for i in range(5):
+        expected = torch.autograd.functional.hessian(
+            lambda x, i=i: F.cross_entropy(model(x.unsqueeze(0)), y[i : i + 1]), X[i]
+        )
+        assert_trees_close(H[i], expected)
+    assert not H[1].any()  # an ignored sample has no curvature
+
+
+def test_random_operations_in_a_forward_are_reported_under_the_public_name() -> None:
+    class Noisy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (F.dropout(x, 0.5, training=True) ** 2).sum(-1)
+
+    with pytest.raises(
+        torchcurv.TorchcurvError,
+        match=r"^per_sample_hessian\(Noisy\): .*random operation.*'different'",
+    ):
+        torchcurv.per_sample_hessian(Noisy(), torch.randn(3, 4, dtype=D), chunk_size=None)
+
+
+def test_messages_for_mismatched_dtypes_batch_sizes_and_list_chunks() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(torchcurv.TorchcurvError, match=r"inputs\.to\(torch\.float32\)"):
+        torchcurv.per_sample_hessian(model, torch.randn(2, 3, dtype=D))
+
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a * b).sum(-1)
+
+    with pytest.raises(torchcurv.TorchcurvError, match=r"must all have the same batch size"):
+        torchcurv.per_sample_hessian(Two(), (torch.randn(2, 3), torch.randn(3, 3)))
+    with pytest.raises(
+        torchcurv.TorchcurvError, match=r"Pass a tuple, e\.g\. chunk_size=\(2, 2, 2\)"
+    ):
+        torchcurv.per_sample_hessian(model, torch.randn(2, 3), chunk_size=[2, 2, 2])  # type: ignore[arg-type]

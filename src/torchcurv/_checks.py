@@ -366,9 +366,17 @@ def check_module_chunk(
     function: str, chunk_size: Any, memory_budget: Any, n_axes: int
 ) -> tuple[Any, tuple[int | None, ...]]:
     """``(batch_chunk, basis_chunks)`` from a module-level chunk_size."""
+    parts = "(batch, inner, outer)" if n_axes == 2 else "(batch, basis)"
+    if isinstance(chunk_size, list):
+        argument_error(
+            function,
+            "chunk_size",
+            f"must be None, a positive int, 'auto' or a tuple {parts}",
+            chunk_size,
+            f"Pass a tuple, e.g. chunk_size={tuple(chunk_size)}.",
+        )
     if isinstance(chunk_size, tuple):
         if len(chunk_size) != 1 + n_axes:
-            parts = "(batch, inner, outer)" if n_axes == 2 else "(batch, basis)"
             argument_error(
                 function,
                 "chunk_size",

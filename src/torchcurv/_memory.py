@@ -34,6 +34,7 @@ predictions against the real peaks, and the speed of calls by working-set size.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 import os
@@ -50,6 +51,7 @@ from torch.utils._pytree import tree_flatten
 from ._errors import MemoryBudgetError, argument_error
 
 __all__ = [
+    "ALLOCATOR_MMAP_THRESHOLD",
     "DEFAULT_BUDGET_FRACTION",
     "DEFAULT_WORKING_SET",
     "LADDER_RATIO",
@@ -60,6 +62,7 @@ __all__ = [
     "available_memory",
     "fit",
     "format_bytes",
+    "limit_allocator_slack",
     "measure_peak",
     "measure_peak_on",
     "parse_budget",
@@ -258,6 +261,46 @@ def format_bytes(size: float) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# the allocator's slack
+# --------------------------------------------------------------------------------------
+
+#: The allocation size from which `limit_allocator_slack` makes glibc use ``mmap``.
+ALLOCATOR_MMAP_THRESHOLD = 2**20
+
+_M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def limit_allocator_slack(threshold: int = ALLOCATOR_MMAP_THRESHOLD) -> bool:
+    """Make glibc give freed tensor memory back at once, so resident memory follows
+    the live bytes that the planner counts.
+
+    glibc serves an allocation from ``mmap`` (returned to the system on free) only
+    above a threshold that starts at 128 KiB and, by default, rises to the size of
+    every ``mmap`` block freed, up to 32 MiB. After a first derivative call, tensors up
+    to 32 MiB then come from the heap, which keeps freed memory resident and
+    fragments: the resident memory of a process grew by up to 1.7x the live peak
+    (tanh MLP input Hessians, 100 MiB live). A fixed threshold (this call: glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``, which also turns the adaptation off) keeps the growth
+    within 1.06x the live peak (`benchmarks/memory_model_check.py`). It affects the
+    whole process and cannot be undone; large allocations then cost an ``mmap`` each.
+
+    Args:
+        threshold: Allocations of at least this many bytes use ``mmap``.
+
+    Returns:
+        True if applied; False where the C library is not glibc.
+
+    (No example: it changes the process; ``tests/test_memory.py`` runs it in a child.)
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+
+# --------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------
 
@@ -431,6 +474,13 @@ def _dispatch_peak(call: Callable[[], Any]) -> tuple[int, Any]:
     return counter.peak, result
 
 
+def _storage_pointer(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class _LiveStorages:
     """Live bytes of the storages operators create, freed through weak references.
 
@@ -447,9 +497,14 @@ class _LiveStorages:
             def __torch_dispatch__(
                 self, func: Any, types: Any, args: Any = (), kwargs: Any = None
             ) -> Any:
+                inputs = {
+                    _storage_pointer(leaf)
+                    for leaf in tree_flatten((args, kwargs))[0]
+                    if isinstance(leaf, torch.Tensor)
+                }
                 out = func(*args, **(kwargs or {}))
                 for leaf in tree_flatten(out)[0]:
-                    if isinstance(leaf, torch.Tensor):
+                    if isinstance(leaf, torch.Tensor) and _storage_pointer(leaf) not in inputs:
                         counter.add(leaf)
                 return out
 

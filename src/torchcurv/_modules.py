@@ -141,6 +141,14 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
     except Exception as error:
         shapes = ", ".join(describe(x) for x in obj.xs)
         given = "" if obj.targets is None else f" and targets {describe(obj.targets)}"
+        dtypes = {p.dtype for p in obj.module.parameters()}
+        if "dtype" in str(error) and len(dtypes) == 1 and obj.xs[0].dtype not in dtypes:
+            (dtype,) = dtypes
+            raise TorchcurvError(
+                f"{obj.function}: inputs have dtype {obj.xs[0].dtype} but the module's "
+                f"parameters are {dtype} ({type(error).__name__}: {error}). Convert one: "
+                f"inputs.to({dtype}) or model.to({obj.xs[0].dtype})."
+            ) from error
         raise TorchcurvError(
             f"{obj.function}: the forward of one sample failed: {type(obj.module).__name__} "
             f"on inputs {shapes}{given} (each sample is fed as a batch of one) raised "
@@ -331,10 +339,13 @@ def per_sample_hessian(
     objective the result is ``[B, *x.shape, *x.shape]`` with ``wrt="inputs"``; a
     non-scalar selected output ``y`` gives ``[B, *y.shape, *x.shape, *x.shape]``. With
     ``wrt="params"`` the result is a dict of dicts of blocks
-    ``H[name_i][name_j]: [B, *p_i.shape, *p_j.shape]``; with ``wrt="both"`` it is
-    ``H[a][b]`` for ``a, b`` in ``{"inputs", "params"}`` (the params entries nested
-    again by name), symmetric as a whole. `torchcurv.to_matrix` (``batch_dims=1``)
-    turns any of them into ``[B, N, N]``.
+    ``H[name_i][name_j]: [B, *p_i.shape, *p_j.shape]`` (names in the order of
+    ``named_parameters()``); with ``wrt="both"`` the differentiated pytree is
+    ``{"inputs": x, "params": {name: p}}`` and the blocks nest as torch.func nests them,
+    row tree outside, column tree inside: ``H["inputs"]["inputs"]``,
+    ``H["inputs"]["params"][name]``, ``H["params"][name]["inputs"]`` and
+    ``H["params"][name_i]["params"][name_j]``, symmetric as a whole.
+    `torchcurv.to_matrix` (``batch_dims=1``) turns any of them into ``[B, N, N]``.
 
     Args:
         module: The model; never modified (parameters, buffers, training flag).

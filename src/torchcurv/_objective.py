@@ -35,7 +35,7 @@ def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Te
     else:
         try:
             selected = out[output]
-        except (IndexError, TypeError) as error:
+        except (IndexError, TypeError, KeyError) as error:
             shape = describe(out)
             raise TorchcurvError(
                 f"{function}: output={output!r} cannot index the per-sample output {shape}: "
@@ -185,7 +185,9 @@ class Objective:
             argument_error(
                 self.function,
                 "inputs",
-                "and targets must have the same batch size",
+                "and targets must have the same batch size"
+                if self.targets is not None
+                else "must all have the same batch size",
                 sorted(sizes),
                 "Pass one entry per sample in each.",
             )

@@ -341,16 +341,14 @@ def _run(
             else:
                 with _maybe_seeded(randomness, seed, start, batch.leaves):
                     output.add(start, work.batched(*batch.narrow(start, length)))
-        except TorchcurvError:
+        except TorchcurvError as error:
+            if randomness == "error" and "called a random operation" in str(error):
+                raise TorchcurvError(_random_error(function)) from None
             raise
         except Exception as error:
             text = str(error).lower()
             if "randomness error mode" in text:
-                raise TorchcurvError(
-                    f"{function}: the function called a random operation (e.g. dropout in "
-                    "training mode) while randomness='error'. Pass randomness='different' "
-                    "(each sample its own draw) or randomness='same', or call model.eval()."
-                ) from None
+                raise TorchcurvError(_random_error(function)) from None
             if any(s in text for s in _OUT_OF_MEMORY) or isinstance(error, OutOfMemoryError):
                 if length == 1:
                     raise MemoryBudgetError(
@@ -384,6 +382,14 @@ def _run(
             ) from error
         start += length
     return output.result()
+
+
+def _random_error(function: str) -> str:
+    return (
+        f"{function}: the function called a random operation (e.g. dropout in training "
+        "mode) while randomness='error'. Pass randomness='different' (each sample its own "
+        "draw) or randomness='same' (one draw for all), or call model.eval()."
+    )
 
 
 @contextmanager

@@ -377,56 +377,91 @@ def _select_outputs(output: int | slice | None, m: int) -> tuple[list[int], bool
     return [output % m], False
 
 
-def _loss_grad_and_curv(
-    loss: Callable[..., Tensor], out: Tensor, targets: Tensor, out_shape: tuple[int, ...]
-) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Loss gradient w.r.t. the flat output ``[B, m]`` and a ``J -> J C J^T`` closure."""
-    b, m = out.shape
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _targets_problem(
+    loss: Callable[..., Tensor], targets: Tensor, b: int, out_shape: tuple[int, ...]
+) -> tuple[str, str, str, str] | None:
+    """Why the structured path cannot use `targets` with `loss`, as `_fail`'s
+    ``(argument, problem, got, fix)``, or None if it can."""
+    m = math.prod(out_shape)
     if loss is F.cross_entropy:
         if len(out_shape) != 1:
-            _fail(
+            return (
                 "loss",
                 "is cross_entropy, which needs a 1-D per-sample output of class logits",
                 f"per-sample output shape {out_shape}",
                 "Flatten the network output or use loss=F.mse_loss.",
             )
-        p = torch.softmax(out, dim=-1)
-        if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if targets.dtype in _INTEGER_DTYPES:
             if targets.shape != (b,):
-                _fail(
+                return (
                     "targets",
                     f"of class indices must have shape ({b},), one per sample",
                     f"shape {tuple(targets.shape)}",
                     "Pass one class index per sample.",
                 )
-            if bool(((targets < 0) | (targets >= m)).any()):
-                _fail(
+            if b and bool(((targets < 0) | (targets >= m)).any()):
+                return (
                     "targets",
                     f"must hold class indices in [0, {m - 1}]",
                     f"values in [{int(targets.min())}, {int(targets.max())}]",
                     "Fix the targets; ignore_index is not supported by the structured path.",
                 )
-            onehot = F.one_hot(targets.long(), m).to(out.dtype)
-            grad = p - onehot
-            scale: Tensor | None = None
-        elif targets.is_floating_point():
+            return None
+        if targets.is_floating_point():
             if targets.shape != (b, m):
-                _fail(
+                return (
                     "targets",
                     f"of class probabilities must have shape ({b}, {m})",
                     f"shape {tuple(targets.shape)}",
                     "Pass one probability vector per sample.",
                 )
+            return None
+        return (
+            "targets",
+            "for cross_entropy must be integer class indices or floating class probabilities",
+            f"dtype {targets.dtype}",
+            "Convert the targets with .long() or .float().",
+        )
+    if loss is F.mse_loss:
+        if tuple(targets.shape) != (b, *out_shape):
+            return (
+                "targets",
+                f"for mse_loss must have the output's shape {(b, *out_shape)}",
+                f"shape {tuple(targets.shape)}",
+                "Reshape the targets to the network output's shape.",
+            )
+        if not targets.is_floating_point():
+            return (
+                "targets",
+                "for mse_loss must be floating point",
+                f"dtype {targets.dtype}",
+                "Convert the targets with .to(x.dtype).",
+            )
+        return None
+    return None
+
+
+def _loss_grad_and_curv(
+    loss: Callable[..., Tensor], out: Tensor, targets: Tensor, out_shape: tuple[int, ...]
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Loss gradient w.r.t. the flat output ``[B, m]`` and a ``J -> J C J^T`` closure."""
+    b, m = out.shape
+    problem = _targets_problem(loss, targets, b, out_shape)
+    if problem is not None:
+        _fail(*problem)
+    if loss is F.cross_entropy:
+        p = torch.softmax(out, dim=-1)
+        if targets.dtype in _INTEGER_DTYPES:
+            onehot = F.one_hot(targets.long(), m).to(out.dtype)
+            grad = p - onehot
+            scale: Tensor | None = None
+        else:
             t = targets.to(out.dtype)
             scale = t.sum(dim=-1)
             grad = p * scale[:, None] - t
-        else:
-            _fail(
-                "targets",
-                "for cross_entropy must be integer class indices or floating class probabilities",
-                f"dtype {targets.dtype}",
-                "Convert the targets with .long() or .float().",
-            )
 
         def ce_term(jac: Tensor) -> Tensor:  # jac: [B, n, m]
             ps = p if scale is None else p * scale[:, None]
@@ -439,20 +474,6 @@ def _loss_grad_and_curv(
 
         return grad, ce_term
     if loss is F.mse_loss:
-        if tuple(targets.shape) != (b, *out_shape):
-            _fail(
-                "targets",
-                f"for mse_loss must have the output's shape {(b, *out_shape)}",
-                f"shape {tuple(targets.shape)}",
-                "Reshape the targets to the network output's shape.",
-            )
-        if not targets.is_floating_point():
-            _fail(
-                "targets",
-                "for mse_loss must be floating point",
-                f"dtype {targets.dtype}",
-                "Convert the targets with .to(x.dtype).",
-            )
         grad = (out - targets.reshape(b, m).to(out.dtype)) * (2.0 / m)
 
         def mse_term(jac: Tensor) -> Tensor:
@@ -1092,6 +1113,12 @@ class StructuredEngine:
                 "output= and loss= need a one-dimensional per-sample output, and this "
                 f"network's has {out_dims} dims"
             )
+        if obj.loss is not None and obj.targets is not None:
+            out_shape = _shapes(parsed, tuple(obj.xs[0].shape[1:]))[-1]
+            problem = _targets_problem(obj.loss, obj.targets, obj.targets.shape[0], out_shape)
+            if problem is not None:
+                argument, text, got, _ = problem
+                return f"its {argument} {text}, got {got}"
         return None
 
     def predicted_faster(self, request: Request) -> bool:
