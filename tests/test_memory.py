@@ -416,20 +416,15 @@ def test_the_working_set_caps_fast_plans() -> None:
     assert uncapped.calls < chosen.calls
 
 
-def test_when_even_one_sample_exceeds_the_cap_the_smallest_working_set_is_taken() -> None:
+def test_when_even_one_sample_exceeds_the_cap_the_fastest_plan_within_budget_is_taken() -> None:
     model = _model()
-    chosen = plan(
-        "f",
-        batch=10,
-        axes=(1, 256),
-        model=model,
-        result_bytes=1024,
-        budget=2**30,
-        preferred_working_set=1,
-    )
-    assert chosen.batch == 1
-    smallest = min(model.working_set_of(1, c) for c in model.candidates())
-    assert chosen.working_set == smallest
+    kwargs = {"batch": 10, "axes": (1, 256), "model": model, "result_bytes": 1024}
+    chosen = plan("f", **kwargs, budget=2**30, preferred_working_set=1)  # type: ignore[arg-type]
+    assert (chosen.batch, chosen.axes, chosen.reason) == (10, (1, 256), "fits whole")
+    budget = model.predict(3, (1, 256)) + 10 * 1024
+    chosen = plan("f", **kwargs, budget=budget, preferred_working_set=1)  # type: ignore[arg-type]
+    assert (chosen.batch, chosen.axes) == (3, (1, 256))
+    assert chosen.reason == "one sample exceeds the 1 B working set; fastest within budget"
 
 
 def test_the_batch_limit_is_respected() -> None:

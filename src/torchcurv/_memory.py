@@ -8,18 +8,20 @@ Three steps turn a memory budget into chunk sizes:
    ``vmap``/``jvp``/``vjp`` and kernel workspaces included; on CUDA the caching
    allocator's peak statistic does.
 2. `fit` measures the real derivative at a few chunk sizes and returns a
-   `MemoryModel`. The peak of one vectorised call on ``b`` samples is affine in ``b``
-   (``F + b * g``: everything per sample is batched by ``vmap``) but not in the chunk
-   sizes: it is the maximum of a *result* phase (the pieces of every chunk kept for
-   concatenation, plus a per-chunk overhead that falls like ``1/c``) and a *work*
-   phase (activations, tangents, cotangents: growing like ``c``). At small chunk
+   `MemoryModel`. The peak of one vectorised call is the maximum of a few phases,
+   each affine in the number of samples ``b`` (``F + b * s``: ``vmap`` batches all
+   per-sample memory) and in the chunk sizes: a *result* phase (the pieces of every
+   chunk kept for concatenation, plus a per-chunk overhead that falls like ``1/c``)
+   and a *work* phase (activations, tangents, cotangents: growing like ``c``). The
+   maximum is convex, so two measurements extrapolate too low. At small chunk
    sizes the result phase hides the work phase completely (a 784x784 CNN Hessian:
    7.4 MB flat up to ``c = 32``, then +160 KB per basis vector), so a model fitted at
    ``c in {1, 2}`` cannot see the slope that matters. `fit` therefore measures a
    geometric ladder of chunk sizes (``1, 4, 16, ...``, then the full size) and stops
    once a measurement passes the working-set cap or the next one could pass the
-   limit. Predictions between two rungs use the chord, an upper bound because every
-   phase is convex in each chunk size; elsewhere a scaling bound (multiplying a chunk
+   limit, with one and two samples at every rung. Predictions between two measured
+   points use the chord, an upper bound of a convex function; beyond them, bounds
+   that hold for every phase with ``F, s >= 0`` (multiplying the samples or a chunk
    size by ``t`` multiplies the peak by at most ``t``).
 3. `plan` picks, among chunk sizes whose predicted peak (plus the preallocated
    result) fits the budget, the fastest: fewest vectorised calls with a working set
@@ -70,13 +72,16 @@ __all__ = [
 ]
 
 #: The default memory budget is this fraction of the memory available to the process
-#: (`available_memory`). The planner promises a measured live peak within the budget,
-#: and the resident memory of a process grows by at most 1.10x its live peak plus
-#: 16 MiB (allocator slack; `benchmarks/memory_model_check.py`), so the default call
-#: touches at most ``0.55 * available + 16 MiB``: the rest stays free for the other
-#: processes of the machine and for this one's own growth. It is never OOM-killed
-#: unless others take more than 45% of what was available in the meantime.
-DEFAULT_BUDGET_FRACTION = 0.5
+#: (`available_memory`). The planner keeps the live peak within the budget, but the
+#: resident memory of a process grows by more: with glibc's default (adaptive) malloc
+#: by up to 1.73x the live peak after a first call (`limit_allocator_slack`;
+#: `benchmarks/memory_model_check.py`), plus about 100 MiB once per process for
+#: torch's lazy initialisation (forward-AD decompositions) on the first derivative.
+#: At 0.4 the default call touches at most ``0.7 * available + 100 MiB``, which leaves
+#: the process alive unless other processes take most of the rest meanwhile. The same
+#: fraction is used on CUDA (not measured there; a CUDA out-of-memory error is raised,
+#: not a kill, and the runner retries with smaller chunks).
+DEFAULT_BUDGET_FRACTION = 0.4
 
 #: Preferred bytes of working memory of one vectorised call (the peak minus the result
 #: pieces). Larger calls are memory-bandwidth bound: the 28x28 CNN input Hessian runs
@@ -315,10 +320,12 @@ def measure_peak(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> tupl
 
     On CPU the allocator's events are recorded by the profiler, in order (every
     tensor, inside ``torch.func`` transforms too, and kernel workspaces such as a
-    convolution's columns); it slows a call by 1.1-1.5x. Under an already running
-    profiler a dispatch mode counts the storages operators create instead, which
-    misses kernel workspaces. On CUDA the caching allocator's peak statistic is used
-    (this resets ``torch.cuda.max_memory_allocated``).
+    convolution's columns); it costs about 3 µs per operator (1.03x on a 130 ms MLP
+    Hessian, 1.8x on a 14 ms one). Under an already running profiler, a dispatch mode
+    counts the storages operators create instead: it misses kernel workspaces (17%
+    of a convolution's peak) and may count a storage twice. On CUDA the caching
+    allocator's peak statistic is used (this resets ``torch.cuda.max_memory_allocated``;
+    nested measurements stay right).
 
     Args:
         func: The function to run.
@@ -925,8 +932,9 @@ def plan(
     pieces are concatenated instead, ``preallocated=False``). Among the plans that
     fit, the planner takes the fewest vectorised calls whose working set (a call's
     peak less its result) stays within `preferred_working_set`; ties go to larger
-    basis chunks (fewer forward passes), then to the smaller peak. When even the
-    smallest calls exceed the working set, it takes the smallest working set.
+    basis chunks (fewer forward passes), then to the smaller peak. When even one
+    sample with the smallest chunks exceeds the working set, the cap is dropped and
+    the fastest plan within the budget is taken.
 
     Args:
         function: The public function planning, for messages.
@@ -983,7 +991,6 @@ def plan(
 
     feasible: list[_Option] = []
     capped: list[_Option] = []
-    over: list[_Option] = []
     for chunks in model.candidates():
         by_budget = largest(lambda b, c=chunks: peak(b, c) <= budget)  # type: ignore[misc]
         if not by_budget:
@@ -997,8 +1004,6 @@ def plan(
         feasible.append(option(by_budget))
         if by_cap:
             capped.append(option(min(by_budget, by_cap)))
-        else:  # over the cap with one sample already: more samples only add to it
-            over.append(option(1))
     if not feasible:
         smallest = min(peak(1, c) for c in model.candidates())
         whole = batch * result_bytes
@@ -1018,15 +1023,16 @@ def plan(
     def speed(o: _Option) -> tuple[int, int, int]:
         return (o.calls, -math.prod(o.chunks), o.peak)
 
-    if capped:
-        chosen = min(capped, key=speed)
-    else:
-        chosen = min(over, key=lambda o: (o.working_set, speed(o)))
+    # Over the cap even with the smallest calls (a large per-sample result, say):
+    # shrinking chunks further only adds calls, so the fastest feasible plan wins.
+    chosen = min(capped, key=speed) if capped else min(feasible, key=speed)
     unconstrained = min(feasible, key=speed)
     whole = chosen.batch == batch and chosen.chunks == sizes
     if whole:
         reason = "fits whole"
-    elif speed(unconstrained) < speed(chosen) or not capped:
+    elif not capped:
+        reason = f"one sample exceeds the {format_bytes(cap)} working set; fastest within budget"
+    elif speed(unconstrained) < speed(chosen):
         reason = f"capped at a working set of {format_bytes(cap)} per call"
     elif chosen.batch == most < batch and batch_limit is not None:
         reason = f"at most {most} sample{'s' if most > 1 else ''} per call"

@@ -166,12 +166,25 @@ def _map_basis(
     for index, start in enumerate(starts):
         rows = min(step, total - start)
         if probe and 0 < index < len(starts) - 1:  # a copy stands in for a middle chunk
-            results.append(tree_map(torch.clone, results[0]))
+            if shared is None:
+                results.append(tree_map(torch.clone, results[0]))
+            else:
+                results.append(
+                    tuple(
+                        None if is_shared else tree_map(torch.clone, part)
+                        for part, is_shared in zip(results[0], shared, strict=True)
+                    )
+                )
             continue
         if replay is not None and index > 0:
             replay.replay()
         try:
-            results.append(mapped(*_basis_chunk(like, start, rows)))
+            result = mapped(*_basis_chunk(like, start, rows))
+            if shared is not None and index > 0:  # shared parts: the first chunk's only
+                result = tuple(
+                    None if is_shared else r for r, is_shared in zip(result, shared, strict=True)
+                )
+            results.append(result)
         except RuntimeError as error:
             if "randomness error mode" not in str(error):
                 raise
