@@ -14,6 +14,7 @@ the results carry gradients to them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -248,7 +249,9 @@ def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, bu
     """
     obj = request.objective
     result_bytes = _result_bytes(request)
-    key = (engine.name, request.order, request.randomness, axes, budget, obj.signature())
+    # Measurements depend on the structure, shapes and options, not on the budget: the
+    # default budget (a fraction of the memory available now) changes from call to call.
+    key = (engine.name, request.order, request.randomness, axes, obj.signature())
     cache = _MODELS.setdefault(obj.module, {})
     batch = Batch(request.function, obj.args(), obj.in_dims())
     one_at_a_time = request.randomness == "different"
@@ -258,13 +261,12 @@ def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, bu
         return measure_work(work, batch, length, chunks)[0]
 
     whole_key = (key, "whole", size)
-    if whole_key not in cache:
-        cache[whole_key] = (
-            None if one_at_a_time else _whole(measure, axes, size, result_bytes, budget)
-        )
-    if cache[whole_key] is not None:
-        return cache[whole_key]  # type: ignore[no-any-return]
-    if key not in cache:
+    if whole_key not in cache and not one_at_a_time:
+        cache[whole_key] = _whole(measure, axes, size, result_bytes, budget)
+    whole = cache.get(whole_key)
+    if whole is not None and whole.predicted_peak <= budget:
+        return dataclasses.replace(whole, budget=budget)  # type: ignore[no-any-return]
+    if key not in cache or not cache[key].covers(budget):
         cache[key] = fit(
             measure,
             axes,
