@@ -336,3 +336,11 @@ def test_per_sample_results_are_compared_sample_by_sample(monkeypatch: Any) -> N
     )
     with pytest.raises(AssertionError, match=r"block H of sample 0"):
         check_model(_mlp(), mlp_batch(), output=1)
+
+
+def test_an_empty_batch_is_refused_rather_than_passed() -> None:
+    model = torch.nn.Linear(3, 1).double()
+    with pytest.raises(
+        torchcurv.TorchcurvError, match=r"check_model: inputs must hold at least one"
+    ):
+        check_model(model, torch.zeros(0, 3, dtype=torch.float64))

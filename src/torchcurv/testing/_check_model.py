@@ -210,6 +210,13 @@ def check_model(
     if wrt not in _WRT:
         raise _fail("wrt", "must be 'inputs', 'params' or 'both'", wrt, "Pass wrt='params'.")
     count = min(samples, min(x.shape[0] for x in xs))
+    if count == 0:
+        raise _fail(
+            "inputs",
+            "must hold at least one sample to check",
+            next(x for x in xs if x.shape[0] == 0),
+            "Pass a batch with samples; an empty batch would pass without checking anything.",
+        )
 
     model64 = copy.deepcopy(model).to(torch.float64)
     xs64 = tuple(_to_float64(x[:count]) for x in xs)
