@@ -83,11 +83,12 @@ __all__ = [
 #: not a kill, and the runner retries with smaller chunks).
 DEFAULT_BUDGET_FRACTION = 0.4
 
-#: Preferred bytes of working memory of one vectorised call (the peak minus the result
-#: pieces). Larger calls are memory-bandwidth bound: the 28x28 CNN input Hessian runs
-#: fastest per sample with calls of 20-60 MiB and slows down above ~100 MiB, while
-#: smaller calls lose to Python and dispatch overhead
-#: (`benchmarks/memory_model_check.py`).
+#: Preferred bytes of working memory of one vectorised call (its peak less its result
+#: pieces). Time per sample is flat from about 10 MiB to 120 MiB and then rises: the
+#: 28x28 CNN input Hessian took 200-230 ms per sample with calls of 20-120 MiB and
+#: 360-380 ms with 230-470 MiB; a 784-256-256-1 tanh MLP 11-13 ms up to 150 MiB and
+#: 16 ms at 300 MiB (2 cores, one thread; `benchmarks/memory_model_check.py`). 64 MiB
+#: stays inside the flat part with room for machines with smaller caches.
 DEFAULT_WORKING_SET = 64 * 2**20
 
 #: Predicted peaks are the model's value times ``1 + SAFETY_MARGIN``. The measured real
@@ -453,7 +454,7 @@ def _legacy_peak(config: Any, call: Callable[[], Any]) -> tuple[int, Any]:
     return _running_peak(deltas), result
 
 
-def _kineto_peak(call: Callable[[], Any]) -> tuple[int, Any]:  # pragma: no cover
+def _kineto_peak(call: Callable[[], Any]) -> tuple[int, Any]:
     """The Kineto profiler, for torch releases without the legacy entry points."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -587,7 +588,8 @@ class MemoryModel:
         batched: The measured peak of `sampled` samples at each path point (`sampled`
             times `single` where not measured).
         sampled: The number of samples of the batched measurements.
-        result_bytes: Bytes of one sample's whole result (0: unknown).
+        result_bytes: Bytes of one sample's whole result (0: unknown; chunk sizes just
+            below a whole axis are then not offered).
         margin: The relative safety margin of `predict`.
         limit: The bytes no measurement was allowed to exceed (None: no limit).
         working_set: The working-set size past which the ladder stopped.
@@ -636,7 +638,9 @@ class MemoryModel:
         (an upper bound, as the peak is convex in each chunk size); elsewhere the
         tightest scaling bound from a measured point (growing or shrinking a chunk
         size ``t``-fold multiplies the peak by at most ``t``), plus one more result
-        when the point chunks an axis that the measured one leaves whole.
+        when the point chunks an axis that the measured one leaves whole (a
+        concatenation the whole call does not make; with `result_bytes` unknown, such
+        measured points are not used).
         """
         if batch <= 0:
             return 0.0
@@ -646,7 +650,11 @@ class MemoryModel:
         for index, point in enumerate(self.path):
             scale = math.prod(max(t / p, p / t) for t, p in zip(target, point, strict=True))
             bound = scale * self._at(index, batch)
-            best = min(best, bound + (extra if self._whole_to_chunked(point, target) else 0))
+            if self._whole_to_chunked(point, target):
+                if not self.result_bytes:
+                    continue
+                bound += extra
+            best = min(best, bound)
         for index in range(len(self.path) - 1):
             low, high = self.path[index], self.path[index + 1]
             (axis,) = (a for a in range(len(low)) if low[a] != high[a])
@@ -655,6 +663,8 @@ class MemoryModel:
                 t = (target[axis] - low[axis]) / (high[axis] - low[axis])
                 top = self._at(index + 1, batch)
                 if self._whole_to_chunked(high, target):
+                    if not self.result_bytes:
+                        continue
                     top += extra
                 best = min(best, (1 - t) * self._at(index, batch) + t * top)
         return best
@@ -695,11 +705,14 @@ class MemoryModel:
         return self.stopped != "limit" or self.limit is None or budget <= self.limit
 
     def candidates(self) -> list[Chunks]:
-        """Chunk sizes a plan may choose: the path, and sizes on its segments."""
+        """Chunk sizes a plan may choose: the path, and sizes on its segments (not
+        below a whole axis when `result_bytes` is unknown)."""
         seen: dict[Chunks, None] = dict.fromkeys(self.path)
         for index in range(len(self.path) - 1):
             low, high = self.path[index], self.path[index + 1]
             (axis,) = (a for a in range(len(low)) if low[a] != high[a])
+            if not self.result_bytes and high[axis] == self.axes[axis]:
+                continue
             for value in _segment_sizes(self.axes[axis], low[axis], high[axis]):
                 point = list(low)
                 point[axis] = value
@@ -760,7 +773,7 @@ def fit(
 
     The measurements of live bytes are deterministic, so the model is exact at every
     measured point: ``predict`` there returns the measurement times ``1 + margin``.
-    It takes two measurements per rung (one with ``max_batch == 1``); their cost grows
+    It takes two measurements per rung (one when ``max_batch == 1``); their cost grows
     with the chunk sizes (a probe computes about two chunks per stage), so the largest
     rung dominates.
 

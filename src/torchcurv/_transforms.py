@@ -65,12 +65,13 @@ _PROBING: ContextVar[bool] = ContextVar("torchcurv_probing", default=False)
 
 @contextmanager
 def probing() -> Any:
-    """Run transforms in probe mode: only the first and the last basis chunk of every
+    """Run transforms in probe mode: only the first and the last basis chunks of every
     stage are computed; the chunks between are copies of the first.
 
     The allocations are those of the real computation (the same chunk sizes, the same
-    results kept and concatenated), at the cost of two chunks per stage, so the memory
-    planner can measure the real peak of a plan cheaply. The values are meaningless.
+    results kept and concatenated), at the cost of two or three chunks per stage (the
+    last full chunk too when the last chunk is short), so the memory planner can
+    measure the real peak of a plan cheaply. The values are meaningless.
     """
     token = _PROBING.set(True)
     try:
@@ -165,7 +166,11 @@ def _map_basis(
     results: list[Any] = []
     for index, start in enumerate(starts):
         rows = min(step, total - start)
-        if probe and 0 < index < len(starts) - 1:  # a copy stands in for a middle chunk
+        # A copy stands in for a middle chunk. The last full chunk is computed too when
+        # the last chunk is short, so the probe sees a full chunk with the pieces of the
+        # others already kept, as the real call does.
+        short_last = total % step != 0
+        if probe and 0 < index < len(starts) - (2 if short_last else 1):
             if shared is None:
                 results.append(tree_map(torch.clone, results[0]))
             else:
