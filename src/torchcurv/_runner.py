@@ -433,7 +433,7 @@ def per_sample(
         chunk_size: None (all samples at once), a positive int, or ``"auto"``: as many
             samples as fit `memory_budget`, measured on the first sample.
         memory_budget: Bytes or a size such as ``"2GiB"``; implies ``chunk_size="auto"``.
-            Default: half the memory available on the device.
+            Default: a fraction (0.4) of the memory available on the device.
         randomness: ``"error"`` refuses random operations; ``"different"`` gives each
             sample its own draw; ``"same"`` gives all samples one draw.
 
