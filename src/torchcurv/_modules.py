@@ -33,11 +33,10 @@ from ._checks import (
     check_module_chunk,
     check_randomness,
 )
-from ._compat import tree_flatten
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional as functional
 from ._memory import DEFAULT_WORKING_SET, SAFETY_MARGIN, Plan, fit, parse_budget, plan
-from ._objective import Objective, label, numel, per_sample_objective
+from ._objective import Objective, itemsize, label, numel, per_sample_objective
 from ._runner import Batch, cuda_devices, measure_work, run_batches
 from ._transforms import hessian
 from ._types import (
@@ -308,9 +307,8 @@ def _whole(
 
 def _result_bytes(request: Request) -> int:
     """Bytes of one sample's result: ``out x in^order`` entries."""
-    obj = request.objective
-    itemsize = max(int(x.element_size()) for x in tree_flatten(obj.probe_sample()[0])[0])
-    return int(request.out_numel * request.in_numel**request.order * itemsize)
+    item = itemsize(request.objective.probe_sample()[0])
+    return int(request.out_numel * request.in_numel**request.order * item)
 
 
 # --------------------------------------------------------------------------------------

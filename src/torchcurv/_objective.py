@@ -22,7 +22,7 @@ from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional_of
 from ._types import WRT, LossFunction, OutputSelection, ParamSelection
 
-__all__ = ["Objective", "label", "numel", "per_sample_objective"]
+__all__ = ["Objective", "itemsize", "label", "numel", "per_sample_objective"]
 
 
 def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:

@@ -51,7 +51,6 @@ from ._types import BATCH_RANDOMNESS, BatchChunk
 __all__ = [
     "Batch",
     "Work",
-    "batch_size",
     "cuda_devices",
     "measure_work",
     "per_sample",
@@ -266,12 +265,7 @@ class _Output:
         return tree_unflatten(merged, self.spec)
 
 
-def batch_size(function: str, args: tuple[Any, ...], in_dims: Any) -> int:
-    """The batch size of `args` under `in_dims` (checked)."""
-    return Batch(function, args, in_dims).size
-
-
-def _empty_result(function: str, work: Work, batch: Batch, out_dims: Any, output: _Output) -> Any:
+def _empty_result(work: Work, batch: Batch, output: _Output) -> Any:
     """B=0: the result of one zero sample, cut to no samples (shapes are right)."""
     leaves = [
         leaf if dim is None else leaf.new_zeros((*leaf.shape[:dim], 1, *leaf.shape[dim + 1 :]))
@@ -324,7 +318,7 @@ def _run(
         function, out_dims, size, preallocate=several and not _is_wrapped(batch.leaves)
     )
     if size == 0:
-        return _empty_result(function, work, batch, out_dims, output)
+        return _empty_result(work, batch, output)
     seed = int(torch.randint(0, 2**62, ())) if randomness != "error" else 0
     start = 0
     looping = False

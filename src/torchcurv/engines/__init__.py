@@ -26,6 +26,7 @@ structured engine, so their ``"auto"`` is the second half of the same rule.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,10 +59,7 @@ class Request:
 
     @property
     def out_numel(self) -> int:
-        size = 1
-        for s in self.out_shape:
-            size *= s
-        return size
+        return math.prod(self.out_shape)
 
 
 class Engine(Protocol):
