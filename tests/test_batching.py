@@ -113,7 +113,10 @@ def test_randomness_same_gives_every_sample_one_mask_whatever_the_chunking() -> 
     for chunk in [(None, 1, 2), 2, 1, (3, None, None)]:
         H = torchcurv.per_sample_hessian(model, X, randomness="same", chunk_size=chunk)
         for i in range(1, 4):
-            assert torch.equal(H[i], H[0])
+            # one mask: identical samples agree (up to the rounding of batched kernels,
+            # which need not be bit-identical across the rows of a vmapped batch; a
+            # different mask changes entries by O(1))
+            assert_trees_close(H[i], H[0])
     torch.manual_seed(1)
     different = torchcurv.per_sample_hessian(model, X, randomness="different")
     assert not all(torch.equal(different[i], different[0]) for i in range(1, 4))

@@ -1,7 +1,9 @@
 """Property tests through torchcurv.testing: every equivalent path must agree.
 
-Random smooth functions with closed forms, random MLPs and CNNs; every mode, chunk size
-and dtype; against the loop oracle, torch.autograd.functional and finite differences.
+Random smooth functions with closed forms, random MLPs and CNNs, and today's
+architectures (transformer blocks, recurrent nets, normalised and residual nets, token
+embeddings); every mode, chunk size and dtype; against the loop oracle,
+torch.autograd.functional and finite differences.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torchcurv.testing import (
     assert_per_sample_matches_loop,
     assert_symmetric,
     assert_trees_close,
+    check_model,
 )
 from torchcurv.testing import strategies as tcs
 
@@ -299,3 +302,118 @@ def test_structured_mode_refuses_what_it_cannot_compute() -> None:
             match=r"per_sample_hessian: mode='structured' cannot be used here: .*" + reason,
         ):
             call()
+
+
+# --------------------------------------------------------------------------------------
+# today's architectures (issue 11): per-sample Hessians equal the loop oracle
+# --------------------------------------------------------------------------------------
+
+#: "default" leaves the argument out, so per_sample_hessian's defaults are tested too.
+ARCHITECTURE_MODES = st.just("default") | tcs.hessian_modes()
+ARCHITECTURE_CHUNKS = st.sampled_from(["default", None, 1, (1, None, 2), (None, 2, 3)])
+
+
+def check_against_the_loop(model: nn.Module, X: torch.Tensor, wrt: str, data: Any) -> None:
+    """`check_model` (float64, the loop oracle) with a drawn mode and chunk size."""
+    kwargs: dict[str, Any] = {
+        "mode": data.draw(ARCHITECTURE_MODES, label="mode"),
+        "chunk_size": data.draw(ARCHITECTURE_CHUNKS, label="chunk_size"),
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v != "default"}
+    check_model(model, X, wrt=wrt, output=0, **kwargs)
+
+
+@given(st.sampled_from(["inputs", "params", "both"]), st.data())
+@at_most(60)
+def test_transformer_block_hessians_equal_the_loop(wrt: str, data: Any) -> None:
+    # Parameter Hessians of a block are large: one head of width 2 keeps them ~60 x 60.
+    small = wrt != "inputs"
+    model = data.draw(
+        tcs.transformer_blocks(
+            max_heads=1 if small else 2,
+            min_head_dim=2,
+            max_head_dim=2,
+            max_feedforward=2 if small else 3,
+            out_features=st.integers(1, 2),
+        ),
+        label="model",
+    )
+    X = data.draw(tcs.inputs_for(model, max_batch=2), label="X")
+    check_against_the_loop(model, X, wrt, data)
+
+
+@given(st.sampled_from(["inputs", "params", "both"]), st.data())
+@at_most(150)
+def test_recurrent_net_hessians_equal_the_loop(wrt: str, data: Any) -> None:
+    small = wrt != "inputs"
+    model = data.draw(
+        tcs.recurrent_nets(
+            in_features=st.integers(1, 2),
+            max_hidden=2 if small else 3,
+            max_length=3,
+            out_features=st.integers(1, 2),
+        ),
+        label="model",
+    )
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    check_against_the_loop(model, X, wrt, data)
+
+
+@given(tcs.recurrent_nets(dtype=torch.float32, max_length=3), st.data())
+@at_most(40)
+def test_float32_recurrent_nets_work_by_default(model: nn.Module, data: Any) -> None:
+    # float32 LSTMs on CPU run mkldnn_rnn_layer, which has no forward AD: the default
+    # mode must still compute the Hessian (by reverse-over-reverse).
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    wrt = data.draw(st.sampled_from(["inputs", "params"]), label="wrt")
+    H = torchcurv.per_sample_hessian(model, X, output=0, wrt=wrt)
+    H64 = torchcurv.per_sample_hessian(
+        model.double(), X.double(), output=0, wrt=wrt, mode="rev-over-rev", chunk_size=None
+    )
+    model.float()
+    assert_trees_close(H, tree_map(lambda t: t.float(), H64))
+
+
+@given(st.sampled_from(["inputs", "params", "both"]), st.data())
+@at_most(150)
+def test_normalized_net_hessians_equal_the_loop(wrt: str, data: Any) -> None:
+    small = wrt != "inputs"
+    model = data.draw(
+        tcs.normalized_nets(max_width=3 if small else 6, max_depth=2 if small else 3),
+        label="model",
+    )
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    check_against_the_loop(model, X, wrt, data)
+
+
+@given(st.sampled_from(["inputs", "params", "both"]), st.data())
+@at_most(100)
+def test_residual_net_hessians_equal_the_loop(wrt: str, data: Any) -> None:
+    small = wrt != "inputs"
+    model = data.draw(
+        tcs.residual_nets(max_width=2 if small else 3, max_size=3, out_features=st.integers(1, 2)),
+        label="model",
+    )
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    check_against_the_loop(model, X, wrt, data)
+
+
+@given(tcs.embedding_nets(), st.data())
+@at_most(150)
+def test_embedding_net_parameter_hessians_equal_the_loop(model: nn.Module, data: Any) -> None:
+    # Token ids are integers: only parameter Hessians exist (input Hessians through an
+    # embedding are those of the embedded floats, as transformer_blocks draws them).
+    ids = data.draw(tcs.inputs_for(model, max_batch=3), label="ids")
+    kwargs: dict[str, Any] = {"output": 0}
+    if data.draw(st.booleans(), label="cross_entropy"):
+        classes = model(ids[:1]).shape[-1]
+        targets = data.draw(
+            st.lists(st.integers(0, classes - 1), min_size=len(ids), max_size=len(ids)),
+            label="targets",
+        )
+        kwargs = {"loss": F.cross_entropy, "targets": torch.tensor(targets)}
+    mode = data.draw(ARCHITECTURE_MODES, label="mode")
+    chunk = data.draw(ARCHITECTURE_CHUNKS, label="chunk_size")
+    extra = {k: v for k, v in {"mode": mode, "chunk_size": chunk}.items() if v != "default"}
+    report = check_model(model, ids, wrt="params", **kwargs, **extra)
+    assert "H['0.weight']['0.weight']" in report.blocks

@@ -298,6 +298,206 @@ def test_conv_nets_reach_every_pooling() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# today's architectures: normalised, residual, transformer, recurrent, embedding nets
+# --------------------------------------------------------------------------------------
+
+
+def eval_mode(model: nn.Module) -> bool:
+    return not any(m.training for m in model.modules())
+
+
+@given(tcst.normalized_nets(), st.data())
+def test_normalized_nets_put_a_norm_after_every_hidden_linear(model: nn.Module, data: Any) -> None:
+    assert isinstance(model, nn.Sequential)
+    assert eval_mode(model)
+    layers = list(model)
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
+    assert 2 <= len(linears(model)) <= 3
+    for k, layer in enumerate(layers[:-1]):
+        if isinstance(layer, nn.Linear):
+            assert isinstance(layers[k + 1], norms)
+            assert 2 <= layer.out_features <= 6
+    for norm in (m for m in model if isinstance(m, nn.GroupNorm)):
+        assert norm.num_channels % norm.num_groups == 0
+        assert norm.num_channels // norm.num_groups >= 2
+    X = data.draw(tcst.inputs_for(model))
+    assert model(X).shape == (X.shape[0], linears(model)[-1].out_features)
+
+
+def test_normalized_nets_reach_every_norm() -> None:
+    for kind in (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm):
+        net = minimal(
+            tcst.normalized_nets(), lambda m, kind=kind: any(isinstance(x, kind) for x in m)
+        )
+        assert any(isinstance(x, kind) for x in net)
+    only_group = minimal(tcst.normalized_nets(norms=["group"], min_width=st.just(4)))
+    assert only_group[1].num_groups in (1, 2)
+    # Width 1 cannot take a GroupNorm: it falls back to another allowed norm.
+    narrow = minimal(tcst.normalized_nets(norms=["group", "rms"], min_width=1, max_width=1))
+    assert isinstance(narrow[1], nn.RMSNorm)
+
+
+@given(tcst.residual_nets(), st.data())
+def test_residual_nets_add_their_blocks_to_the_identity(model: nn.Module, data: Any) -> None:
+    assert eval_mode(model)
+    blocks = [m for m in model if isinstance(m, tcst.ResidualBlock)]
+    assert 1 <= len(blocks) <= 2
+    X = data.draw(tcst.inputs_for(model))
+    assert model(X).shape == (X.shape[0], model[-1].out_features)
+    if len(model.input_shape) == 3:
+        c, h, w = model.input_shape
+        assert 1 <= c <= 4
+        assert 2 <= h == w <= 4
+    first = blocks[0]
+    assert_trees_close(first(X), X + first.body(X))
+    assert first.body(X).shape == X.shape
+
+
+def test_residual_nets_reach_both_kinds() -> None:
+    mlp = minimal(tcst.residual_nets())
+    assert mlp.input_shape == (1,)
+    assert isinstance(mlp[0].body[0], nn.Linear)
+    conv = minimal(tcst.residual_nets(), lambda m: len(m.input_shape) == 3)
+    assert isinstance(conv[0].body[0], nn.Conv2d)
+    assert conv[0].body[0].padding == "same"
+    assert "x + body(x)" in repr(conv[0])
+
+
+@at_most(100)
+@given(tcst.transformer_blocks(), st.data())
+def test_transformer_blocks_map_sequences_to_features(model: nn.Module, data: Any) -> None:
+    assert eval_mode(model)
+    block, pool, readout = model
+    assert isinstance(block, tcst.MaskedBlock)
+    assert isinstance(pool, tcst.MeanOverPositions)
+    length, d_model = model.input_shape
+    assert 1 <= length <= 3
+    assert d_model in (2, 3, 4, 6)
+    inner = block.block
+    if isinstance(inner, nn.TransformerEncoderLayer):
+        assert inner.self_attn.batch_first
+        assert inner.dropout.p == 0.0
+        assert inner.linear1.out_features <= 4
+    else:
+        assert isinstance(inner, tcst.AttentionBlock)
+        assert inner.attn.dropout == 0.0
+    assert block.mask_kind in tcst.MASKS
+    if block.mask is None:
+        assert block.mask_kind is None
+    else:
+        assert block.mask.shape == (length, length)
+    X = data.draw(tcst.inputs_for(model))
+    assert X.shape[1:] == (length, d_model)
+    assert model(X).shape == (X.shape[0], readout.out_features)
+
+
+def test_transformer_blocks_reach_every_variant() -> None:
+    def kind_is(kind: type) -> Any:
+        return lambda m: isinstance(m[0].block, kind)
+
+    for kind in (nn.TransformerEncoderLayer, tcst.AttentionBlock):
+        minimal(tcst.transformer_blocks(), kind_is(kind))
+    for norm_first in (True, False):
+        net = minimal(tcst.transformer_blocks(norm_first=norm_first))
+        assert net[0].block.norm_first is norm_first
+    gelu = minimal(tcst.transformer_blocks(kinds=["attention_block"], activations=["gelu"]))
+    assert isinstance(gelu[0].block.ff[1], nn.GELU)
+    fixed = minimal(tcst.transformer_blocks(masks=["fixed"]), lambda m: m[0].mask.any())
+    mask = fixed[0].mask
+    assert mask.dtype == torch.bool
+    assert not mask.diagonal().any()  # every position may attend to itself
+    assert "mask='fixed'" in repr(fixed)
+
+
+def test_causal_masks_block_the_future() -> None:
+    net = minimal(tcst.transformer_blocks(masks=["causal"], min_length=3, out_features=1))
+    X = torch.zeros(1, *net.input_shape, dtype=D)
+    Y = X.clone()
+    Y[0, -1] = 1.0  # a change at the last position
+    block = net[0]
+    assert_trees_close(block(X)[0, :-1], block(Y)[0, :-1])  # earlier positions cannot see it
+
+
+@given(tcst.recurrent_nets(), st.data())
+def test_recurrent_nets_read_out_the_last_step(model: nn.Module, data: Any) -> None:
+    assert isinstance(model, tcst.RecurrentNet)
+    assert eval_mode(model)
+    rnn = model.rnn
+    assert isinstance(rnn, (nn.RNN, nn.GRU, nn.LSTM))
+    assert rnn.batch_first
+    assert 1 <= rnn.num_layers <= 2
+    assert 1 <= rnn.hidden_size <= 3
+    length, features = model.input_shape
+    assert 1 <= length <= 4
+    assert rnn.input_size == features
+    X = data.draw(tcst.inputs_for(model))
+    states, _ = rnn(X)
+    assert_trees_close(model(X), model.readout(states[:, -1]))
+
+
+def test_recurrent_nets_reach_every_cell() -> None:
+    for name, cell in tcst.CELLS.items():
+        assert isinstance(minimal(tcst.recurrent_nets(cells=[name])).rnn, cell)
+    net = minimal(tcst.recurrent_nets(cells=["lstm"], in_features=2, bias=True))
+    assert repr(net.rnn) == "LSTM(2, 1, batch_first=True)"
+
+
+@given(tcst.embedding_nets(), st.data())
+def test_embedding_nets_take_token_ids(model: nn.Module, data: Any) -> None:
+    assert eval_mode(model)
+    embedding = model[0]
+    assert isinstance(embedding, nn.Embedding)
+    assert embedding.num_embeddings == model.vocab_size
+    assert 2 <= model.vocab_size <= 6
+    if embedding.padding_idx is not None:
+        assert not embedding.weight[0].any()
+    ids = data.draw(tcst.inputs_for(model))
+    assert ids.dtype == torch.int64
+    assert ids.shape[1:] == model.input_shape
+    assert bool(((ids >= 0) & (ids < model.vocab_size)).all())
+    assert model(ids).shape == (ids.shape[0], model[-1].out_features)
+
+
+def test_token_ids_shrink_to_zero_and_reach_the_vocabulary() -> None:
+    net = minimal(tcst.embedding_nets(vocab_size=4, min_length=2))
+    assert torch.equal(minimal(tcst.inputs_for(net)), torch.zeros(1, 2, dtype=torch.int64))
+    top = minimal(tcst.inputs_for(net, dtype=torch.int32), lambda ids: bool(ids.max() == 3))
+    assert top.dtype == torch.int32
+    mean = minimal(tcst.embedding_nets(), lambda m: isinstance(m[1], tcst.MeanOverPositions))
+    assert mean[-1].in_features == mean[0].embedding_dim
+
+
+ARCHITECTURES = [
+    tcst.normalized_nets,
+    tcst.residual_nets,
+    tcst.transformer_blocks,
+    tcst.recurrent_nets,
+    tcst.embedding_nets,
+]
+
+
+@given(st.sampled_from(ARCHITECTURES), st.data())
+@at_most(50)
+def test_architectures_take_strategies_for_arguments_and_dtypes(build: Any, data: Any) -> None:
+    model = data.draw(build(out_features=st.just(2), dtype=tcst.dtypes()))
+    dtype = next(model.parameters()).dtype
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert eval_mode(model)
+    X = data.draw(tcst.inputs_for(model, batch_size=2))
+    assert X.dtype == (torch.int64 if hasattr(model, "vocab_size") else dtype)
+    assert model(X).shape == (2, 2)
+
+
+@pytest.mark.parametrize("build", ARCHITECTURES, ids=lambda build: build.__name__)
+def test_architecture_weights_are_deterministic_and_non_trivial(build: Any) -> None:
+    a, b = minimal(build(out_features=2)), minimal(build(out_features=2))
+    assert repr(a) == repr(b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert all(bool(p.abs().sum() > 0) for p in a.parameters())
+
+
+# --------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------
 
@@ -376,6 +576,41 @@ BAD_ARGUMENTS = [
     (lambda: tcst.inputs_for((3,), batch_size=0), r"inputs_for: batch_size=0"),
     (lambda: tcst.inputs_for((3,), dtype=torch.int64), r"inputs_for: dtype=torch.int64"),
     (lambda: tcst.inputs_for((3,), elements=1.0), r"inputs_for: elements=1.0"),
+    (lambda: tcst.normalized_nets(norms=["instance"]), r"normalized_nets: norms=.*'instance'"),
+    (lambda: tcst.normalized_nets(min_depth=1), r"normalized_nets: min_depth=1 must be at le"),
+    (
+        lambda: tcst.normalized_nets(norms=["group"], min_width=1),
+        r"normalized_nets: min_width=1 must be at least 2 with norms=\('group',\)",
+    ),
+    (lambda: tcst.normalized_nets(bias=0), r"normalized_nets: bias=0"),
+    (lambda: tcst.residual_nets(kinds=["dense"]), r"residual_nets: kinds=.*'dense'"),
+    (lambda: tcst.residual_nets(min_blocks=3), r"residual_nets: min_blocks=3 must be at most"),
+    (lambda: tcst.residual_nets(max_size=0), r"residual_nets: max_size=0 must be at least 1"),
+    (lambda: tcst.transformer_blocks(masks=["padding"]), r"transformer_blocks: masks=.*'padd"),
+    (lambda: tcst.transformer_blocks(activations=["tanh"]), r"transformer_blocks: activat"),
+    (lambda: tcst.transformer_blocks(kinds=[]), r"transformer_blocks: kinds=\[\] must be"),
+    (lambda: tcst.transformer_blocks(norm_first="pre"), r"transformer_blocks: norm_first='pre'"),
+    (lambda: tcst.transformer_blocks(min_heads=0), r"transformer_blocks: min_heads=0 must be"),
+    (
+        lambda: tcst.transformer_blocks(min_head_dim=4),
+        r"transformer_blocks: min_head_dim=4 must be at most max_head_dim=3",
+    ),
+    (lambda: tcst.transformer_blocks(dtype=torch.int8), r"transformer_blocks: dtype=torch.int8"),
+    (lambda: tcst.recurrent_nets(cells=["transformer"]), r"recurrent_nets: cells=.*'transf"),
+    (lambda: tcst.recurrent_nets(min_layers=0), r"recurrent_nets: min_layers=0 must be at"),
+    (lambda: tcst.recurrent_nets(max_length=0), r"recurrent_nets: max_length=0 must be at"),
+    (lambda: tcst.recurrent_nets(in_features=1.5), r"recurrent_nets: in_features=1.5 must be"),
+    (lambda: tcst.embedding_nets(vocab_size=0), r"embedding_nets: vocab_size=0 must be at le"),
+    (lambda: tcst.embedding_nets(pooling=["max"]), r"embedding_nets: pooling=.*'max'"),
+    (lambda: tcst.embedding_nets(padding="yes"), r"embedding_nets: padding='yes'"),
+    (
+        lambda: tcst.inputs_for(minimal(tcst.embedding_nets()), dtype=torch.float64),
+        r"inputs_for: dtype=torch.float64 must be an integer torch.dtype",
+    ),
+    (
+        lambda: tcst.inputs_for(minimal(tcst.embedding_nets()), elements=st.just(1.0)),
+        r"inputs_for: elements=.* cannot be used for token ids",
+    ),
 ]
 
 
@@ -395,3 +630,13 @@ def test_bad_values_drawn_from_strategies_raise_when_drawn() -> None:
         minimal(strategy)
     with pytest.raises(InvalidArgument, match="mlps: bias=1"):
         minimal(tcst.mlps(bias=st.just(1)))
+    with pytest.raises(InvalidArgument, match="conv_nets: bias=1"):
+        minimal(tcst.conv_nets(bias=st.just(1)))
+    with pytest.raises(InvalidArgument, match=r"transformer_blocks: masks=.*'all'"):
+        minimal(tcst.transformer_blocks(masks=st.just(["all"])))
+    with pytest.raises(InvalidArgument, match="recurrent_nets: bias=2"):
+        minimal(tcst.recurrent_nets(bias=st.just(2)))
+    with pytest.raises(InvalidArgument, match="embedding_nets: padding=None"):
+        minimal(tcst.embedding_nets(padding=st.none()))
+    with pytest.raises(InvalidArgument, match="residual_nets: min_blocks=0"):
+        minimal(tcst.residual_nets(min_blocks=st.just(0)))

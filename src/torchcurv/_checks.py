@@ -197,7 +197,16 @@ def check_differentiable(function: str, leaves: Sequence[Any], argnums: tuple[in
                 leaf,
                 "Pass floating-point tensors, e.g. torch.tensor([1.0, 2.0]).",
             )
-        if not (leaf.is_floating_point() or leaf.is_complex()):
+        if leaf.is_complex():
+            argument_error(
+                function,
+                f"the argument(s) at argnums={_fmt(argnums)}",
+                "must be real: complex tensors are not differentiated (as in torch.func)",
+                leaf,
+                "Differentiate the real and imaginary parts as real tensors: pass "
+                "torch.view_as_real(z) and rebuild z = torch.view_as_complex(x) inside.",
+            )
+        if not leaf.is_floating_point():
             argument_error(
                 function,
                 f"the argument(s) at argnums={_fmt(argnums)}",
@@ -249,10 +258,16 @@ def check_module(function: str, module: Any) -> None:
 
 
 def as_inputs(
-    function: str, inputs: Any, need_float: bool
-) -> tuple[tuple[torch.Tensor, ...], bool]:
-    single = isinstance(inputs, torch.Tensor)
-    xs = (inputs,) if single else inputs
+    function: str, inputs: Any, wrt: str, argnums: Any = None
+) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...], bool]:
+    """The input tensors, the indices of those differentiated, and whether the
+    differentiated inputs are one tensor (not a tuple) in results.
+
+    `argnums` (torch.func's name) picks the differentiated positional inputs: None (all
+    of them, as given), an int (one, results not nested) or a tuple of ints.
+    """
+    given_single = isinstance(inputs, torch.Tensor)
+    xs = (inputs,) if given_single else inputs
     if not isinstance(xs, tuple) or not xs or not all(isinstance(x, torch.Tensor) for x in xs):
         argument_error(
             function,
@@ -270,15 +285,36 @@ def as_inputs(
                 x,
                 "Pass a batch, e.g. X of shape (B, ...); use x.unsqueeze(0) for one sample.",
             )
-        if need_float and not x.is_floating_point():
+    if wrt == "params":
+        if argnums is not None:
             argument_error(
                 function,
-                "inputs",
+                "argnums",
+                "selects differentiated inputs, so it needs wrt='inputs' or wrt='both'",
+                argnums,
+                "Drop argnums=, or pass wrt='inputs'.",
+            )
+        return xs, (), given_single
+    if argnums is None:
+        indices, single = tuple(range(len(xs))), given_single
+    else:
+        checked = check_argnums(function, argnums)
+        indices = resolve_argnums(function, checked, len(xs))
+        single = isinstance(checked, int)
+    for index in indices:
+        x = xs[index]
+        if not x.is_floating_point():
+            where = "inputs" if given_single else f"inputs[{index}]"
+            argument_error(
+                function,
+                where,
                 "must be floating-point to be differentiated",
                 x,
-                "Convert with X.double() or X.float(), or use wrt='params'.",
+                "Convert it with .double() or .float(); to pass it along undifferentiated "
+                "(a class index, a padding mask), leave it out of argnums, e.g. "
+                "inputs=(X, index), argnums=0; or use wrt='params'.",
             )
-    return xs, single
+    return xs, indices, single
 
 
 def check_objective(function: str, output: Any, loss: Any, targets: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._functorch.eager_transforms import _jvp_with_argnums, _vjp_with_argnums
 from torch.utils._pytree import (
     TreeSpec,
     _broadcast_to_and_flatten,
@@ -29,9 +30,11 @@ __all__ = [
     "broadcast_to_and_flatten",
     "global_module_hooks",
     "is_functorch_wrapped",
+    "jvp_with_argnums",
     "tree_flatten",
     "tree_map",
     "tree_unflatten",
+    "vjp_with_argnums",
 ]
 
 #: torch.func keeps its transform levels (forward-AD dual levels, vmap levels) in
@@ -45,6 +48,12 @@ OutOfMemoryError: type[BaseException] = torch.OutOfMemoryError
 BatchNormBase = nn.modules.batchnorm._BatchNorm
 DropoutBase = nn.modules.dropout._DropoutNd
 broadcast_to_and_flatten = _broadcast_to_and_flatten
+
+#: torch.func's `vjp` / `jvp` that wrap *every* positional argument at the transform's
+#: level and differentiate those at `argnums` only (what `jacrev` / `jacfwd` use), so
+#: a function may write in place into an argument it is not differentiated by.
+vjp_with_argnums = _vjp_with_argnums
+jvp_with_argnums = _jvp_with_argnums
 
 
 def is_functorch_wrapped(tensor: Any) -> bool:

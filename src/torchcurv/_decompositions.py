@@ -1,4 +1,4 @@
-"""Ops rewritten in primitive ops, to route around wrong second-order rules upstream.
+"""Ops rewritten in primitive ops, to route around wrong or missing derivative rules upstream.
 
 Why: torch.func's second derivatives of the fused normalisation kernels are wrong.
 An audit against autograd's double backward through a plain loop, and against finite
@@ -19,6 +19,19 @@ differences, in float64 (``tests/test_op_audit.py``) finds in torch 2.13:
   padding row gets a derivative that reverse mode, by design, gives it not), so the
   forward-mode Jacobian and the ``jacfwd(jacfwd)`` Hessian disagree with the others.
 
+* ``_weight_norm_interface`` (``nn.utils.parametrizations.weight_norm``): no forward-mode
+  rule, and autograd's double backward is wrong (the ``d/dv (df/dg)`` block, errors of
+  order one against finite differences).
+* ``scaled_dot_product_attention`` picks the fused CPU flash kernel for 4-d inputs, which
+  has no forward-mode rule and no double backward (so no Hessian in any mode; the loop
+  oracle needs ``sdpa_kernel(SDPBackend.MATH)``, a process-wide flag torchcurv never sets).
+* ``rnn_tanh``, ``rnn_relu``, ``gru``, ``lstm`` and their cells: the fused kernels create
+  their hidden state unbatched and update it in place, so under `torch.vmap` they fail
+  ("output with shape [1, H] doesn't match the broadcast shape [B, 1, H]"), and the
+  CPU LSTM kernel (``mkldnn_rnn_layer``) has no forward-mode rule.
+* ``embedding`` with ``max_norm`` renormalises the weight in place (the caller's
+  parameter, and a "mutate a captured tensor" error under torch.func).
+
 `corrected_ops` is a `torch.overrides.TorchFunctionMode` that replaces these calls by
 the same computation written with primitive differentiable ops (``mean``, ``sub``,
 ``mul``, ``rsqrt``, ``add``), whose first and second derivatives, forward-mode rules
@@ -32,16 +45,42 @@ and batching rules are all right. Routed:
   statistics and no running statistics (the default ``nn.InstanceNorm*``), and with the
   running statistics (``use_input_stats=False``);
 * ``torch.nn.functional.embedding`` and ``torch.embedding`` with a padding index (the
-  looked-up padding rows are held constant, as reverse mode holds them).
+  looked-up padding rows are held constant, as reverse mode holds them);
+  ``F.embedding`` with ``max_norm``: the looked-up rows are renormalised out of place
+  (values renormalised, derivative that of the plain lookup, as torch's in-place
+  renormalisation under ``no_grad`` gives), so the weight is never written;
+* ``torch._weight_norm``: ``v * g / ||v||`` with `torch.linalg.vector_norm`;
+* ``torch.nn.functional.scaled_dot_product_attention``: the math kernel written out
+  (``softmax(q k^T * scale + mask) v``, the scale split as its square root over ``q``
+  and ``k``, boolean masks and ``is_causal`` keep the True entries, float masks add,
+  fully masked rows give zeros as ``_safe_softmax`` does, ``enable_gqa`` repeats the
+  key/value heads, ``dropout_p > 0`` applies `F.dropout` to the weights, so it follows
+  torchcurv's randomness rule); and ``F.multi_head_attention_forward``, whose body is
+  run under the mode (a mode's handler runs a Python function with the mode popped,
+  which would hide its call of attention). Inside the mode ``has_torch_function`` is
+  true, so ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` never take their
+  fused fast paths (``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``);
+* ``torch.rnn_tanh``, ``torch.rnn_relu``, ``torch.gru``, ``torch.lstm`` (padded input,
+  any number of layers, bidirectional, ``proj_size``, inter-layer dropout through
+  `F.dropout`) and ``torch.rnn_tanh_cell``, ``rnn_relu_cell``, ``gru_cell``,
+  ``lstm_cell``: a Python loop over time steps of ``F.linear``, ``sigmoid``, ``tanh``
+  with the kernels' gate order and equations.
 
 Left alone (the original op runs): batch norm in training with running statistics,
 and instance norm with input statistics and running statistics (both update the running
 statistics in place; torchcurv refuses BatchNorm in training mode anyway); unusual
 arguments (shapes that do not fit, integer or complex dtypes, a non-positive ``eps``
 where the op refuses it, one value per channel in training; embeddings with
-``max_norm``, ``scale_grad_by_freq`` or ``sparse``), for which the original op runs
-(and raises its own errors); every other op. ``group_norm`` and ``rms_norm`` are right in every
+``scale_grad_by_freq`` or ``sparse``; nested tensors in attention, ``attn_mask``
+together with ``is_causal``; packed sequences and float16/bfloat16 recurrent layers;
+float16/bfloat16 weight norm), for which the original op runs (and raises its own
+errors); every other op. ``group_norm`` and ``rms_norm`` are right in every
 composition and are not routed.
+
+Cost: attention and recurrent layers run as several ops instead of one fused kernel
+(see ``tests/test_architectures.py`` and the report of issue 11 for measurements); the
+mode only acts where torchcurv differentiates (`torchcurv.functional` and the
+transforms), never on the caller's own forward calls, and sets no process-wide flag.
 
 The forward values equal the fused ops' up to rounding: the statistics are the same
 (mean and biased variance, ``eps`` inside the square root); float16 and bfloat16 inputs
@@ -52,7 +91,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from types import TracebackType
+from functools import partial
+from types import FunctionType, TracebackType
 from typing import Any
 
 import torch
@@ -345,10 +385,12 @@ def _functional_embedding(
     scale_grad_by_freq: Any = False,
     sparse: Any = False,
 ) -> torch.Tensor:
-    # Without a padding index there is nothing to correct; max_norm renormalises the
-    # weight in place and the other two change the backward: left to the original.
-    _need(padding_idx is not None and max_norm is None)
+    # Without a padding index or a max_norm there is nothing to correct; the other two
+    # change the backward: left to the original.
     _need(scale_grad_by_freq is False and sparse is False)
+    if max_norm is not None:
+        return _renormed_embedding(input, weight, padding_idx, max_norm, norm_type)
+    _need(padding_idx is not None)
     return _embedding(input, weight, padding_idx)
 
 
@@ -366,6 +408,255 @@ def _torch_embedding(
 
 
 # --------------------------------------------------------------------------------------
+# embedding with a max_norm (renormalises the weight in place)
+# --------------------------------------------------------------------------------------
+
+
+def _renormed_embedding(
+    indices: Any, weight: Any, padding_idx: Any, max_norm: Any, norm_type: Any
+) -> torch.Tensor:
+    """The lookup of rows renormalised to `max_norm`, without writing the weight.
+
+    ``F.embedding`` renormalises the looked-up rows of the weight in place under
+    ``no_grad`` and then looks them up: the values are the renormalised rows, the
+    derivative that of the plain lookup. The same here, out of place.
+    """
+    _need(isinstance(indices, torch.Tensor) and not indices.is_floating_point())
+    _need(isinstance(weight, torch.Tensor) and weight.dim() == 2)
+    _need(weight.dtype in _ROUTED_DTYPES)
+    bound, order = _eps(max_norm), _eps(norm_type, positive=True)
+    if padding_idx is not None:
+        _need(isinstance(padding_idx, int) and not isinstance(padding_idx, bool))
+        _need(-weight.shape[0] <= padding_idx < weight.shape[0])
+        out = _embedding(indices, weight, padding_idx)
+    else:
+        out = F.embedding(indices, weight)
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(out, order, dim=-1, keepdim=True)
+        # embedding_renorm_'s rule: rows above the bound scale to bound / (norm + 1e-7).
+        scale = torch.where(norms > bound, bound / (norms + 1e-7), torch.ones_like(norms))
+    return out + (out * (scale - 1)).detach()
+
+
+# --------------------------------------------------------------------------------------
+# scaled dot-product attention
+# --------------------------------------------------------------------------------------
+
+
+def _attention_tensor(t: Any, dtype: torch.dtype) -> torch.Tensor:
+    _need(isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() >= 2)
+    _need(not t.is_nested)
+    tensor: torch.Tensor = t
+    return tensor
+
+
+def _scaled_dot_product_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any = None,
+    dropout_p: Any = 0.0,
+    is_causal: Any = False,
+    scale: Any = None,
+    enable_gqa: Any = False,
+) -> torch.Tensor:
+    """The math kernel of ``F.scaled_dot_product_attention``, in differentiable ops.
+
+    ``softmax(q k^T * scale + mask) v`` with the kernel's conventions: the scale split
+    as its square root over ``q`` and ``k``, a boolean mask (or ``is_causal``) keeps
+    the entries that are True, a float mask is added, rows with every entry masked
+    give zeros (``_safe_softmax``), and ``enable_gqa`` repeats key and value heads.
+    """
+    _need(isinstance(query, torch.Tensor) and query.dtype in _ROUTED_DTYPES)
+    q = _attention_tensor(query, query.dtype)
+    k, v = _attention_tensor(key, q.dtype), _attention_tensor(value, q.dtype)
+    _need(isinstance(is_causal, bool) and isinstance(enable_gqa, bool))
+    _need(not (is_causal and attn_mask is not None))
+    p = _eps(dropout_p)
+    _need(p < 1.0)
+    _need(q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2])
+    _need(q.dim() == k.dim() == v.dim())
+    if enable_gqa and q.dim() >= 3:
+        heads, kv_heads, v_heads = q.shape[-3], k.shape[-3], v.shape[-3]
+        _need(kv_heads > 0 and v_heads > 0 and heads % kv_heads == 0 and heads % v_heads == 0)
+        k = k.repeat_interleave(heads // kv_heads, dim=-3)
+        v = v.repeat_interleave(heads // v_heads, dim=-3)
+    _need(q.shape[:-2] == k.shape[:-2] == v.shape[:-2])
+    if scale is None:
+        factor = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    else:
+        _need(isinstance(scale, (int, float)) and not isinstance(scale, bool))
+        factor = float(scale)
+    length, source = q.shape[-2], k.shape[-2]
+    mask: torch.Tensor | None = None
+    if is_causal:
+        mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+    elif attn_mask is not None:
+        _need(isinstance(attn_mask, torch.Tensor))
+        _need(attn_mask.dtype == torch.bool or attn_mask.dtype == q.dtype)
+        _need(attn_mask.dim() <= q.dim() and not attn_mask.is_nested)
+        mask = attn_mask
+    dtype = _compute_dtype(q)
+    root = math.sqrt(abs(factor))
+    qs = q.to(dtype) * (root if factor >= 0 else -root)
+    scores = qs @ (k.to(dtype) * root).transpose(-2, -1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, -math.inf)
+        else:
+            scores = scores + mask.to(dtype)
+        # _safe_softmax: a row masked everywhere attends to nothing (zeros, no NaN).
+        empty = (scores == -math.inf).all(dim=-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
+        weights = weights.masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    if p > 0:
+        weights = F.dropout(weights, p, training=True)
+    return (weights @ v.to(dtype)).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# recurrent layers: RNN (tanh, relu), GRU, LSTM and their cells
+# --------------------------------------------------------------------------------------
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _rnn_step(kind: str, gi: torch.Tensor, h: Any, w_hh: Any, b_hh: Any, w_hr: Any) -> Any:
+    """One time step from the input projection `gi`; `h` is ``(h, c)`` for LSTM."""
+    if kind == "lstm":
+        hx, cx = h
+        gates = gi + _linear(hx, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
+        out = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            out = _linear(out, w_hr, None)
+        return out, c
+    gh = _linear(h, w_hh, b_hh)
+    if kind == "gru":
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n)
+    pre = gi + gh
+    return torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+
+
+def _rnn_weights(params: Any) -> list[torch.Tensor]:
+    _need(isinstance(params, (list, tuple)) and len(params) > 0)
+    _need(all(isinstance(p, torch.Tensor) and p.dtype in _ROUTED_DTYPES for p in params))
+    return list(params)
+
+
+def _rnn_flags(*flags: Any) -> None:
+    _need(all(isinstance(f, bool) for f in flags))
+
+
+def _rnn(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch.rnn_tanh`` / ``rnn_relu`` / ``gru`` / ``lstm`` on padded (not packed) input."""
+    # The packed overload (data, batch_sizes, hx, params, ...) is left to the original.
+    _need(not kwargs and len(args) == 9 and isinstance(args[3], bool))
+    x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+    _rnn_flags(has_biases, train, bidirectional, batch_first)
+    _need(isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers > 0)
+    p = _eps(dropout)
+    weights = _rnn_weights(params)
+    _need(isinstance(x, torch.Tensor) and x.dim() == 3 and x.dtype in _ROUTED_DTYPES)
+    directions = 2 if bidirectional else 1
+    stacks = num_layers * directions
+    _need(len(weights) % stacks == 0)
+    per = len(weights) // stacks
+    base = 4 if has_biases else 2
+    _need(per == base or (kind == "lstm" and per == base + 1))
+    if kind == "lstm":
+        _need(isinstance(hx, (list, tuple)) and len(hx) == 2)
+        states = [_attention_tensor(t, x.dtype) for t in hx]
+    else:
+        states = [_attention_tensor(hx, x.dtype)]
+    _need(all(t.dim() == 3 and t.shape[0] == stacks for t in states))
+    seq = x.transpose(0, 1) if batch_first else x  # [T, N, F]
+    final: list[list[torch.Tensor]] = [[] for _ in states]
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w = weights[index * per : (index + 1) * per]
+            w_ih, w_hh = w[0], w[1]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[base] if per > base else None
+            gi = _linear(seq, w_ih, b_ih)
+            h: Any = (states[0][index], states[1][index]) if kind == "lstm" else states[0][index]
+            steps = range(seq.shape[0] - 1, -1, -1) if direction else range(seq.shape[0])
+            out: list[torch.Tensor] = []
+            for t in steps:
+                h = _rnn_step(kind, gi[t], h, w_hh, b_hh, w_hr)
+                out.append(h[0] if kind == "lstm" else h)
+            if direction:
+                out.reverse()
+            outputs.append(torch.stack(out) if out else gi.new_zeros(0))
+            for slot, value in zip(final, h if kind == "lstm" else (h,), strict=True):
+                slot.append(value)
+        seq = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if p > 0 and train and layer < num_layers - 1:
+            seq = F.dropout(seq, p, training=True)
+    output = seq.transpose(0, 1) if batch_first else seq
+    return (output, *(torch.stack(slot) for slot in final))
+
+
+def _rnn_cell(kind: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch.rnn_tanh_cell`` / ``rnn_relu_cell`` / ``gru_cell`` / ``lstm_cell``."""
+    _need(not kwargs and 4 <= len(args) <= 6)
+    x, hx, w_ih, w_hh = args[:4]
+    b_ih, b_hh = (*args[4:], None, None)[:2]
+    _need(isinstance(x, torch.Tensor) and x.dtype in _ROUTED_DTYPES and x.dim() in (1, 2))
+    weights = [_attention_tensor(w, x.dtype) for w in (w_ih, w_hh)]
+    biases = [None if b is None else _attention_tensor_1d(b, x.dtype) for b in (b_ih, b_hh)]
+    if kind == "lstm":
+        _need(isinstance(hx, (list, tuple)) and len(hx) == 2)
+        state: Any = tuple(_state(t, x) for t in hx)
+    else:
+        state = _state(hx, x)
+    gi = _linear(x, weights[0], biases[0])
+    return _rnn_step(kind, gi, state, weights[1], biases[1], None)
+
+
+def _attention_tensor_1d(t: Any, dtype: torch.dtype) -> torch.Tensor:
+    _need(isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == 1)
+    tensor: torch.Tensor = t
+    return tensor
+
+
+def _state(t: Any, x: torch.Tensor) -> torch.Tensor:
+    _need(isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.dim() == x.dim())
+    tensor: torch.Tensor = t
+    return tensor
+
+
+# --------------------------------------------------------------------------------------
+# weight norm
+# --------------------------------------------------------------------------------------
+
+
+def _weight_norm(v: Any, g: Any, dim: Any = 0) -> torch.Tensor:
+    """``v * g / ||v||`` with the norm over every dim but `dim` (all of them for -1)."""
+    _need(isinstance(v, torch.Tensor) and v.dtype in (torch.float64, torch.float32))
+    _need(isinstance(g, torch.Tensor) and g.dtype == v.dtype)
+    _need(isinstance(dim, int) and not isinstance(dim, bool) and -1 <= dim < max(v.dim(), 1))
+    if dim == -1:
+        norm = torch.linalg.vector_norm(v)
+    else:
+        dims = tuple(d for d in range(v.dim()) if d != dim)
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) if dims else v.abs()
+    out: torch.Tensor = v * (g / norm)
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # the mode
 # --------------------------------------------------------------------------------------
 
@@ -380,6 +671,41 @@ _RULES: dict[Any, Callable[..., Any]] = {
     torch.instance_norm: _torch_instance_norm,
     F.embedding: _functional_embedding,
     torch.embedding: _torch_embedding,
+    F.scaled_dot_product_attention: _scaled_dot_product_attention,
+    torch.rnn_tanh: partial(_rnn, "rnn_tanh"),
+    torch.rnn_relu: partial(_rnn, "rnn_relu"),
+    torch.gru: partial(_rnn, "gru"),
+    torch.lstm: partial(_rnn, "lstm"),
+    torch.rnn_tanh_cell: partial(_rnn_cell, "rnn_tanh"),
+    torch.rnn_relu_cell: partial(_rnn_cell, "rnn_relu"),
+    torch.gru_cell: partial(_rnn_cell, "gru"),
+    torch.lstm_cell: partial(_rnn_cell, "lstm"),
+    torch._weight_norm: _weight_norm,
+}
+
+
+def _without_dispatch(func: Any) -> Callable[..., Any] | None:
+    """A copy of the Python function `func` whose torch-function dispatch check is off
+    (``has_torch_function*`` read as False), or None if `func` is not such a function."""
+    if not isinstance(func, FunctionType):
+        return None
+    names = ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic")
+    scope = dict(func.__globals__)
+    if not any(name in scope for name in names):
+        return None
+    scope.update(dict.fromkeys(names, lambda *args: False))
+    copy = FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+#: Python functions whose bodies call routed ops (``nn.MultiheadAttention`` calls
+#: ``F.multi_head_attention_forward``, which calls ``F.scaled_dot_product_attention``),
+#: and copies of them that run under the mode without dispatching to it again.
+_ROUTED_BODIES: dict[Any, Callable[..., Any]] = {
+    func: body
+    for func in (F.multi_head_attention_forward,)
+    if (body := _without_dispatch(func)) is not None
 }
 
 #: The qualified names of the callables `corrected_ops` routes.
@@ -393,6 +719,16 @@ ROUTED_OPS: tuple[str, ...] = (
     "torch.instance_norm",
     "torch.nn.functional.embedding",
     "torch.embedding",
+    "torch.nn.functional.scaled_dot_product_attention",
+    "torch.rnn_tanh",
+    "torch.rnn_relu",
+    "torch.gru",
+    "torch.lstm",
+    "torch.rnn_tanh_cell",
+    "torch.rnn_relu_cell",
+    "torch.gru_cell",
+    "torch.lstm_cell",
+    "torch._weight_norm",
 )
 
 
@@ -419,6 +755,13 @@ class _CorrectedOpsMode(TorchFunctionMode):
                 # not inside the rule): the original raises its own error.
                 if error.__traceback__ is None or error.__traceback__.tb_next is not None:
                     raise
+        body = _ROUTED_BODIES.get(func)
+        if body is not None:
+            # A Python function that calls routed ops: a torch-function mode runs its
+            # handler's call with the mode popped, which would hide those calls; run the
+            # function's body (its own dispatch check off) with the mode on instead.
+            with corrected_ops():
+                return body(*args, **kwargs)
         return func(*args, **kwargs)
 
 

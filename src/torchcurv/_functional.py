@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,6 +12,8 @@ import torch
 from torch import nn
 
 from ._checks import check_module
+from ._compat import tree_map
+from ._decompositions import corrected_ops
 from ._errors import argument_error
 from ._types import ParamSelection
 
@@ -88,7 +92,11 @@ def functional(
     ``fn(params, *args, **kwargs)`` runs ``module(*args, **kwargs)`` through
     `torch.func.functional_call` with `params` in place of the selected parameters.
     Buffers and unselected parameters are held fixed at their current values. Tied
-    weights stay tied: a shared tensor is one entry, under its first name.
+    weights stay tied: a shared tensor is one entry, under its first name. Every call
+    works on copies of the buffers and of the tensors passed in (a forward that edits
+    them in place edits the copies), runs the ops whose second derivatives are wrong
+    upstream through `torchcurv._decompositions.corrected_ops`, and skips the module's
+    backward hooks (the derivatives are those of the forward; forward hooks run).
 
     Args:
         module: The model. It is never modified.
@@ -152,11 +160,59 @@ def functional_of(
     fixed = {
         n: p if attached else p.detach() for n, p in module.named_parameters() if n not in names
     }
-    fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
+    buffers = {n: b.detach() for n, b in module.named_buffers()}
+    target = _without_backward_hooks(module)
 
     def fn(params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(
-            module, {**fixed, **params}, args, kwargs, tie_weights=True, strict=False
-        )
+        # Buffers and inputs are copied on every call, inside any enclosing transform,
+        # so a forward that edits them in place edits its own copies (never the
+        # caller's tensors, and no "mutate a captured tensor" error under torch.func).
+        state = {**fixed, **{n: b.clone() for n, b in buffers.items()}, **params}
+        args, kwargs = tree_map(_copy, (args, kwargs))
+        with corrected_ops():
+            return torch.func.functional_call(
+                target, state, args, kwargs, tie_weights=True, strict=False
+            )
 
     return fn, selected
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def _has_backward_hooks(module: nn.Module) -> bool:
+    return bool(module._backward_hooks or module._backward_pre_hooks)
+
+
+def _without_backward_hooks(module: nn.Module) -> nn.Module:
+    """`module`, or a copy of its tree of modules without backward hooks if it has any.
+
+    Backward hooks (``register_full_backward_hook``, as BackPACK and Captum install
+    them) observe or rewrite gradients of a training backward; inside a curvature
+    computation they would fire once per basis vector on transformed tensors, and
+    torch.func cannot run them (their ``autograd.Function`` has no ``setup_context``).
+    The derivatives are those of the forward: the copy keeps the forward hooks, and
+    shares the caller's hook functions, parameters and buffers (shallow copies of each
+    module, with their own dictionaries, so nothing of the caller's is changed).
+    """
+    if not any(_has_backward_hooks(m) for m in module.modules()):
+        return module
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) in copies:
+            return copies[id(m)]  # shared submodules stay shared
+        clone = copy.copy(m)
+        copies[id(m)] = clone
+        clone._parameters = dict(m._parameters)
+        clone._buffers = dict(m._buffers)
+        clone._modules = {
+            name: None if child is None else copy_of(child) for name, child in m._modules.items()
+        }
+        clone._backward_hooks = OrderedDict()
+        clone._backward_pre_hooks = OrderedDict()
+        clone._is_full_backward_hook = None
+        return clone
+
+    return copy_of(module)

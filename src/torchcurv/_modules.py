@@ -326,6 +326,7 @@ def per_sample_hessian(
     loss: LossFunction | None = None,
     params: ParamSelection = None,
     kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
     mode: str = "auto",
     chunk_size: ModuleChunk = "auto",
     memory_budget: int | float | str | None = None,
@@ -360,7 +361,12 @@ def per_sample_hessian(
             sample's output and target as a batch of one.
         params: Which parameters (``wrt="params"``/``"both"``): names, glob patterns,
             a predicate or a dict; see `torchcurv.functional`.
-        kwargs: Keyword arguments for the forward, the same for every sample.
+        kwargs: Keyword arguments for the forward, the same for every sample (not
+            batched); per-sample tensors go in `inputs`.
+        argnums: Which positional inputs to differentiate (torch.func's name), with
+            ``wrt="inputs"``/``"both"``: None (all), an int (one; results are not
+            nested) or a tuple. The others (a class index, a per-sample padding mask)
+            are passed along per sample, batch dim first, undifferentiated.
         mode: The engine: a `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``
             (default). ``"structured"`` computes input Hessians of ``nn.Sequential``
             stacks of ``Linear`` layers and elementwise activations exactly by Hessian
@@ -430,6 +436,7 @@ def per_sample_hessian(
             loss=loss,
             targets=targets,
             kwargs=kwargs,
+            argnums=argnums,
         )
         return _run(call)
 
@@ -444,6 +451,7 @@ def per_sample_jacobian(
     loss: LossFunction | None = None,
     params: ParamSelection = None,
     kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
     mode: str = "auto",
     chunk_size: int | Literal["auto"] | tuple[int | None, int | None] | None = "auto",
     memory_budget: int | float | str | None = None,
@@ -464,7 +472,12 @@ def per_sample_jacobian(
         targets: One target per sample, with `loss`.
         loss: ``loss(out, target) -> scalar``.
         params: Which parameters, see `torchcurv.functional`.
-        kwargs: Keyword arguments for the forward, the same for every sample.
+        kwargs: Keyword arguments for the forward, the same for every sample (not
+            batched); per-sample tensors go in `inputs`.
+        argnums: Which positional inputs to differentiate (torch.func's name), with
+            ``wrt="inputs"``/``"both"``: None (all), an int (one; results are not
+            nested) or a tuple. The others (a class index, a per-sample padding mask)
+            are passed along per sample, batch dim first, undifferentiated.
         mode: ``"rev"``, ``"fwd"`` or ``"auto"``: reverse mode unless the output has
             more entries than the input.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, basis)``.
@@ -509,6 +522,7 @@ def per_sample_jacobian(
             loss=loss,
             targets=targets,
             kwargs=kwargs,
+            argnums=argnums,
         )
         return _run(call)
 
@@ -570,7 +584,10 @@ def explain(
         "randomness": "error",
     }
     plan_options = {k: options.pop(k, v) for k, v in defaults.items()}
-    what = {k: options.pop(k, None) for k in ("params", "output", "loss", "targets", "kwargs")}
+    what = {
+        k: options.pop(k, None)
+        for k in ("params", "output", "loss", "targets", "kwargs", "argnums")
+    }
     what["wrt"] = options.pop("wrt", "inputs")
     if options:
         argument_error(
@@ -601,6 +618,7 @@ def batch_hessian(
     wrt: Wrt = "params",
     params: ParamSelection = None,
     kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
     mode: str = "fwd-over-rev",
     chunk_size: int | tuple[int | None, int | None] | None = None,
     randomness: Literal["error", "same"] = "error",
@@ -622,6 +640,8 @@ def batch_hessian(
             ``"both"``.
         params: Which parameters, see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward.
+        argnums: Which positional inputs to differentiate with ``wrt="inputs"`` /
+            ``"both"`` (see `per_sample_hessian`).
         mode: A `torchcurv.hessian` mode.
         chunk_size: Chunk size(s) of the two Hessian stages, see `torchcurv.hessian`.
         randomness: ``"error"`` or ``"same"`` (one dropout mask for the whole Hessian).
@@ -669,6 +689,7 @@ def batch_hessian(
             targets=targets,
             kwargs=kwargs,
             create_graph=create_graph,
+            argnums=argnums,
         )
         check_layers(name, module, randomness)
         obj.batch_size()
@@ -678,4 +699,4 @@ def batch_hessian(
             chunk_size=chunk_size,
             randomness=randomness,
         )
-        return transform(obj.diff(obj.xs), obj.xs, obj.targets)
+        return transform(obj.diff(obj.xs), obj.passed(obj.xs), obj.targets)

@@ -97,6 +97,7 @@ class Objective:
         targets: torch.Tensor | None,
         kwargs: Mapping[str, Any] | None,
         create_graph: bool = False,
+        argnums: int | tuple[int, ...] | None = None,
     ) -> None:
         check_module(function, module)
         if wrt not in WRT:
@@ -120,7 +121,9 @@ class Objective:
         self.output, self.loss, self.targets = output, loss, targets
         self.kwargs = dict(kwargs or {})
         self.create_graph = create_graph
-        xs, self.single = as_inputs(function, inputs, wrt != "params")
+        xs, self.argnums, self.single = as_inputs(function, inputs, wrt, argnums)
+        #: positional inputs passed along per sample, not differentiated
+        self.rest = tuple(i for i in range(len(xs)) if i not in self.argnums)
         self.xs = tuple(_usable(x, create_graph) for x in xs)
         if targets is not None:
             self.targets = _usable(targets, False)
@@ -138,23 +141,36 @@ class Objective:
 
     def diff(self, xs: tuple[Any, ...]) -> Any:
         """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
-        x = xs[0] if self.single else xs
-        if self.wrt == "inputs":
-            return x
         if self.wrt == "params":
             return self.params
+        selected = tuple(xs[i] for i in self.argnums)
+        x = selected[0] if self.single else selected
+        if self.wrt == "inputs":
+            return x
         return {"inputs": x, "params": self.params}
 
-    def _split(self, diff: Any, xs: Any) -> tuple[Mapping[str, torch.Tensor], tuple[Any, ...]]:
-        if self.wrt == "inputs":
-            return self.params, (diff,) if self.single else tuple(diff)
+    def passed(self, xs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The inputs of `xs` passed along undifferentiated (None if there are none)."""
+        return tuple(xs[i] for i in self.rest) if self.rest else None
+
+    def _split(self, diff: Any, rest: Any) -> tuple[Mapping[str, torch.Tensor], tuple[Any, ...]]:
         if self.wrt == "params":
-            return diff, xs
-        x = diff["inputs"]
-        return diff["params"], (x,) if self.single else tuple(x)
+            return diff, rest
+        if self.wrt == "inputs":
+            params, x = self.params, diff
+        else:
+            params, x = diff["params"], diff["inputs"]
+        selected = (x,) if self.single else tuple(x)
+        xs: list[Any] = [None] * (len(self.argnums) + len(self.rest))
+        for i, value in zip(self.argnums, selected, strict=True):
+            xs[i] = value
+        for i, value in zip(self.rest, rest or (), strict=True):
+            xs[i] = value
+        return params, tuple(xs)
 
     def per_sample(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
-        """The objective of one sample (fed to the module as a batch of one)."""
+        """The objective of one sample (fed to the module as a batch of one); `xs` holds
+        the inputs passed along undifferentiated (`passed`)."""
         params, xs = self._split(diff, xs)
         out = self.fn(params, *(x.unsqueeze(0) for x in xs), **self.kwargs)
         if self.loss is not None:
@@ -194,17 +210,17 @@ class Objective:
         return int(sizes.pop())
 
     def in_dims(self) -> tuple[Any, Any, Any]:
-        x_dims: Any = 0 if self.single else (0,) * len(self.xs)
+        x_dims: Any = 0 if self.single else (0,) * len(self.argnums)
         diff_dims: Any = (
             {"inputs": x_dims, "params": None}
             if self.wrt == "both"
             else (x_dims if self.wrt == "inputs" else None)
         )
-        xs_dims = (0,) * len(self.xs) if self.wrt == "params" else None
+        xs_dims = (0,) * len(self.rest) if self.rest else None
         return diff_dims, xs_dims, None if self.targets is None else 0
 
     def args(self) -> tuple[Any, Any, Any]:
-        return self.diff(self.xs), self.xs if self.wrt == "params" else None, self.targets
+        return self.diff(self.xs), self.passed(self.xs), self.targets
 
     def signature(self) -> tuple[Any, ...]:
         """What the memory of one sample's derivative depends on (not the values).
@@ -213,6 +229,8 @@ class Objective:
         """
         return (
             self.wrt,
+            self.argnums,
+            self.single,
             self.create_graph,
             tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in self.params.items()),
             tuple((tuple(x.shape[1:]), x.dtype, x.device, x.requires_grad) for x in self.xs),
@@ -231,13 +249,13 @@ class Objective:
             return self.sample(0)
         xs = tuple(x.new_zeros(x.shape[1:]) for x in self.xs)
         target = None if self.targets is None else self.targets.new_zeros(self.targets.shape[1:])
-        return self.diff(xs), xs if self.wrt == "params" else None, target
+        return self.diff(xs), self.passed(xs), target
 
     def sample(self, index: int) -> tuple[Any, Any, Any]:
         """``(diff, xs, target)`` of one sample, without its batch dim."""
         xs = tuple(x[index] for x in self.xs)
         target = None if self.targets is None else self.targets[index]
-        return self.diff(xs), xs if self.wrt == "params" else None, target
+        return self.diff(xs), self.passed(xs), target
 
 
 def _usable(x: torch.Tensor, attached: bool) -> torch.Tensor:

@@ -19,6 +19,7 @@ are serialised and correct.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -204,7 +205,7 @@ class _Output:
         self.function, self.out_dims, self.size = function, out_dims, size
         self.preallocate = preallocate
         self.spec: TreeSpec | None = None
-        self.dims: list[int] = []
+        self.dims: list[int | None] = []  # None: not batched (vmap's out_dims=None)
         self.buffers: list[torch.Tensor] = []
         self.pieces: list[list[torch.Tensor]] = []
 
@@ -212,18 +213,20 @@ class _Output:
         leaves, spec = tree_flatten(result)
         if self.spec is None:
             dims = broadcast_to_and_flatten(self.out_dims, spec)
-            if dims is None or any(not isinstance(d, int) for d in dims):
+            if dims is None or any(
+                d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in dims
+            ):
                 argument_error(
                     self.function,
                     "out_dims",
-                    "must be an int or a pytree of ints matching the outputs",
+                    "must be an int, None or a pytree of them matching the outputs",
                     self.out_dims,
-                    "Pass out_dims=0.",
+                    "Pass out_dims=0 (None for outputs that do not depend on the batch).",
                 )
             self.spec, self.dims = (
                 spec,
                 [
-                    d % (leaf.dim()) if leaf.dim() else 0
+                    None if d is None else d % (leaf.dim()) if leaf.dim() else 0
                     for d, leaf in zip(dims, leaves, strict=True)
                 ],
             )
@@ -236,21 +239,25 @@ class _Output:
             return
         if not self.buffers:
             for leaf, dim in zip(leaves, self.dims, strict=True):
+                if dim is None:  # not batched: the first chunk's value is the value
+                    self.buffers.append(leaf)
+                    continue
                 shape = list(leaf.shape)
                 shape[dim] = self.size
                 self.buffers.append(leaf.new_empty(shape))
         for buffer, leaf, dim in zip(self.buffers, leaves, self.dims, strict=True):
-            buffer.narrow(dim, start, leaf.shape[dim]).copy_(leaf)
+            if dim is not None:
+                buffer.narrow(dim, start, leaf.shape[dim]).copy_(leaf)
 
     def add_loop(self, start: int, results: list[Any]) -> None:
-        stacked = [
-            torch.stack(group, dim=0)
-            for group in zip(*(tree_flatten(r)[0] for r in results), strict=True)
+        groups = list(zip(*(tree_flatten(r)[0] for r in results), strict=True))
+        spec = tree_flatten(results[0])[1]
+        self._layout(tree_unflatten([torch.stack(g, dim=0) for g in groups], spec))
+        moved = [
+            group[0] if d is None else torch.stack(group, dim=d)
+            for group, d in zip(groups, self.dims, strict=True)
         ]
-        self._layout(tree_unflatten(stacked, tree_flatten(results[0])[1]))
-        moved = [s.movedim(0, d) for s, d in zip(stacked, self.dims, strict=True)]
-        assert self.spec is not None
-        self.add(start, tree_unflatten(moved, self.spec))
+        self.add(start, tree_unflatten(moved, spec))
 
     def result(self) -> Any:
         assert self.spec is not None
@@ -259,7 +266,7 @@ class _Output:
         if len(self.pieces) == 1:
             return tree_unflatten(self.pieces[0], self.spec)
         merged = [
-            torch.cat(group, dim=d)
+            group[0] if d is None else torch.cat(group, dim=d)
             for group, d in zip(zip(*self.pieces, strict=True), self.dims, strict=True)
         ]
         return tree_unflatten(merged, self.spec)
@@ -274,7 +281,7 @@ def _empty_result(work: Work, batch: Batch, output: _Output) -> Any:
     result = work.batched(*tree_unflatten(leaves, batch.spec))
     output._layout(result)
     empty = [
-        leaf.narrow(dim, 0, 0)
+        leaf if dim is None else leaf.narrow(dim, 0, 0)
         for leaf, dim in zip(tree_flatten(result)[0], output.dims, strict=True)
     ]
     return tree_unflatten(empty, tree_flatten(result)[1])
@@ -423,7 +430,9 @@ def per_sample(
         func: The single-sample function.
         in_dims: Which dim of each argument is the batch dim (None: shared by all
             samples); an int or a pytree prefix of the arguments, as in `torch.vmap`.
-        out_dims: Where the batch dim goes in each output.
+        out_dims: Where the batch dim goes in each output: an int, or None for an
+            output that does not depend on the batched arguments (returned once), or a
+            pytree of them, as in `torch.vmap`.
         chunk_size: None (all samples at once), a positive int, or ``"auto"``: as many
             samples as fit `memory_budget`, measured on the first sample.
         memory_budget: Bytes or a size such as ``"2GiB"``; implies ``chunk_size="auto"``.
@@ -432,7 +441,8 @@ def per_sample(
             sample its own draw; ``"same"`` gives all samples one draw.
 
     Returns:
-        The batched function.
+        The batched function. Keyword arguments of a call are passed to every sample
+        unchanged (not batched), as `torch.vmap` passes them.
 
     Raises:
         TorchcurvError: On bad arguments, or random operations under ``"error"``.
@@ -457,11 +467,14 @@ def per_sample(
             func,
             "Pass a single-sample function, e.g. torchcurv.hessian(f).",
         )
+    _check_out_dims(name, out_dims)
     chunk = check_batch_chunk_size(name, chunk_size, memory_budget)
     randomness = check_randomness(name, randomness, BATCH_RANDOMNESS)  # type: ignore[assignment]
 
-    def batched(*args: Any) -> Any:
-        work = vmapped(func, in_dims, out_dims, randomness)
+    def batched(*args: Any, **kwargs: Any) -> Any:
+        work = vmapped(
+            functools.partial(func, **kwargs) if kwargs else func, in_dims, out_dims, randomness
+        )
         step: int | None
         if chunk != "auto":
             step = chunk
@@ -479,6 +492,26 @@ def per_sample(
         )
 
     return batched
+
+
+def _check_out_dims(function: str, out_dims: Any) -> None:
+    def valid(dims: Any) -> bool:
+        if dims is None or (isinstance(dims, int) and not isinstance(dims, bool)):
+            return True
+        if isinstance(dims, (tuple, list)):
+            return all(valid(d) for d in dims)
+        if isinstance(dims, dict):
+            return all(valid(d) for d in dims.values())
+        return False
+
+    if not valid(out_dims):
+        argument_error(
+            function,
+            "out_dims",
+            "must be an int, None or a pytree of them matching the outputs",
+            out_dims,
+            "Pass out_dims=0 (None for outputs that do not depend on the batch).",
+        )
 
 
 def measure_work(

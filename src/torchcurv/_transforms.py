@@ -32,7 +32,15 @@ from ._checks import (
     check_randomness,
     resolve_argnums,
 )
-from ._compat import DERIVATIVE_LOCK, TreeSpec, tree_flatten, tree_map, tree_unflatten
+from ._compat import (
+    DERIVATIVE_LOCK,
+    TreeSpec,
+    jvp_with_argnums,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+    vjp_with_argnums,
+)
 from ._decompositions import corrected_ops
 from ._errors import TorchcurvError, argument_error, describe
 from ._types import (
@@ -53,6 +61,7 @@ __all__ = [
     "jacobian",
     "numel",
     "probing",
+    "vectorised_chunks",
     "vhp",
 ]
 
@@ -80,6 +89,25 @@ def probing() -> Any:
         _PROBING.reset(token)
 
 
+_VECTORISED: ContextVar[bool] = ContextVar("torchcurv_vectorised", default=False)
+
+
+@contextmanager
+def vectorised_chunks() -> Any:
+    """Run transforms with chunks of one basis vector vmapped, not looped.
+
+    For engines whose chunk sizes come from a plan: the plain loop of ``chunk_size=1``
+    is torch.func's rule for a caller who asks for it, while a planned chunk of one is
+    a memory decision, and some torch rules (e.g. forward mode over the double backward
+    of ``F.mse_loss``) fail on an unbatched basis vector.
+    """
+    token = _VECTORISED.set(True)
+    try:
+        yield
+    finally:
+        _VECTORISED.reset(token)
+
+
 def _flat_output(function: str, out: Any) -> tuple[list[torch.Tensor], TreeSpec]:
     leaves, spec = tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
@@ -90,6 +118,25 @@ def _flat_output(function: str, out: Any) -> tuple[list[torch.Tensor], TreeSpec]
             out,
             "Return tensors only; use has_aux=True to return extra values.",
         )
+    for leaf in leaves:
+        if leaf.is_complex():
+            argument_error(
+                function,
+                "func",
+                "must return real tensors: complex outputs are not differentiated "
+                "(as in torch.func)",
+                leaf,
+                "Return torch.view_as_real(y) (real and imaginary parts as a last dim of 2).",
+            )
+        if not leaf.is_floating_point():
+            argument_error(
+                function,
+                "func",
+                "must return floating-point tensors to be differentiated",
+                leaf,
+                "Return y.to(torch.float64) (or .float()); integer results have no "
+                "derivative; use has_aux=True to return them beside the output.",
+            )
     return leaves, spec
 
 
@@ -103,6 +150,40 @@ def _split_aux(function: str, result: Any) -> tuple[Any, Any]:
             "Return (output, aux) or pass has_aux=False.",
         )
     return result[0], result[1]
+
+
+def _rng_states(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The CPU generator's state and those of the CUDA devices that `leaves` live on."""
+    devices = sorted({leaf.device.index or 0 for leaf in leaves if leaf.device.type == "cuda"})
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+
+
+def _random_error(name: str) -> TorchcurvError:
+    return TorchcurvError(
+        f"{name}: func called a random operation (e.g. dropout in training mode) "
+        "while randomness='error'. Pass randomness='same' to share one random draw "
+        "across the rows of the result, or call model.eval() to switch dropout off."
+    )
+
+
+def _looped(push: Callable[..., Any], randomness: str, name: str) -> Callable[..., Any]:
+    """`push` applied to one basis vector at a time, as a plain call (no vmap).
+
+    torch.func's rule for ``chunk_size=1``: functions without batching rules work. The
+    result gets the leading dim of one that a vmapped chunk has. Under
+    ``randomness="error"`` a push that draws random numbers is refused, as vmap would.
+    """
+
+    def push_one(*basis: torch.Tensor) -> Any:
+        before = _rng_states(basis) if randomness == "error" else None
+        result = push(*(vector[0] for vector in basis))
+        if before is not None and any(
+            not torch.equal(a, b) for a, b in zip(before, _rng_states(basis), strict=True)
+        ):
+            raise _random_error(name)
+        return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, result)
+
+    return push_one
 
 
 class _RNGReplay:
@@ -161,7 +242,10 @@ def _map_basis(
     step = max(1, total if chunk_size is None else min(chunk_size, total))
     starts = range(0, total, step)
     replay = _RNGReplay(like) if randomness == "same" and len(starts) > 1 else None
-    mapped = torch.vmap(push, in_dims=0, out_dims=0, randomness=randomness)
+    if chunk_size == 1 and not _VECTORISED.get():  # a plain loop, as torch.func loops
+        mapped = _looped(push, randomness, name)
+    else:
+        mapped = torch.vmap(push, in_dims=0, out_dims=0, randomness=randomness)
     # In probe mode a copy stands in for a middle chunk. The last full chunk is computed
     # too when the last chunk is short, so the probe sees a full chunk with the pieces
     # of the others already kept, as the real call does.
@@ -192,11 +276,7 @@ def _map_basis(
         except RuntimeError as error:
             if "randomness error mode" not in str(error):
                 raise
-            raise TorchcurvError(
-                f"{name}: func called a random operation (e.g. dropout in training mode) "
-                "while randomness='error'. Pass randomness='same' to share one random draw "
-                "across the rows of the result, or call model.eval() to switch dropout off."
-            ) from None
+            raise _random_error(name) from None
     if shared is None:
         return results[0] if len(results) == 1 else _concat(results)
     return tuple(
@@ -307,11 +387,10 @@ def _jacobian(
         check_differentiable(name, flat_in, indices)
         out_specs: list[TreeSpec] = []
 
-        def flat_func(*leaves: torch.Tensor) -> Any:
-            new_args = list(args)
-            for index, value in zip(indices, tree_unflatten(list(leaves), in_spec), strict=True):
-                new_args[index] = value
-            result = func(*new_args, **kwargs)
+        # Every positional argument goes through the transform (torch.func's rule: the
+        # ones not differentiated are wrapped too, so func may write into them).
+        def flat_func(*all_args: Any) -> Any:
+            result = func(*all_args, **kwargs)
             out, aux = _split_aux(name, result) if has_aux else (result, None)
             flat_out, spec = _flat_output(name, out)
             out_specs.append(spec)
@@ -321,18 +400,27 @@ def _jacobian(
         aux = None
         chosen = mode
         if mode in ("rev", "auto"):
-            vjp_out: Any = torch.func.vjp(flat_func, *flat_in, has_aux=has_aux)
+            vjp_out: Any = vjp_with_argnums(flat_func, *args, argnums=indices, has_aux=has_aux)
             flat_out = vjp_out[0]
             if mode == "auto":
                 chosen = "rev" if sum(o.numel() for o in flat_out) <= n_in else "fwd"
         if chosen == "rev":
             vjp_fn = vjp_out[1]
             aux = vjp_out[2] if has_aux else None
-            rows = _map_basis(lambda *cts: vjp_fn(cts), flat_out, chunk_size, "error", name)
+            if sum(o.numel() for o in flat_out) == 0:
+                rows: Any = tuple(leaf.new_zeros((0, *leaf.shape)) for leaf in flat_in)
+            else:
+                rows = _map_basis(
+                    lambda *cts: tuple(tree_flatten(vjp_fn(cts))[0]),
+                    flat_out,
+                    chunk_size,
+                    "error",
+                    name,
+                )
             blocks = _rows_to_blocks(rows, flat_out, flat_in)
         else:
             flat_out, cols, aux = _forward_columns(
-                flat_func, flat_in, chunk_size, randomness, has_aux, name
+                flat_func, args, indices, in_spec, flat_in, chunk_size, randomness, has_aux, name
             )
             blocks = _columns_to_blocks(cols, flat_out, flat_in)
         jac = _assemble(blocks, in_spec, out_specs[-1], isinstance(argnums, int))
@@ -343,21 +431,30 @@ def _jacobian(
 
 def _forward_columns(
     flat_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    indices: tuple[int, ...],
+    in_spec: TreeSpec,
     flat_in: Sequence[torch.Tensor],
     chunk_size: int | None,
     randomness: str,
     has_aux: bool,
     name: str,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
-    """Jacobian columns ``J e_i`` for every input basis vector, stacked on dim 0."""
+    """Jacobian columns ``J e_i`` for every input basis vector, stacked on dim 0.
+
+    `flat_func` takes all of `args`; those at `indices` (flattened: `flat_in`, with
+    structure `in_spec`) are differentiated.
+    """
     if sum(leaf.numel() for leaf in flat_in) == 0:
-        result = flat_func(*flat_in)
+        result = flat_func(*args)
         out, aux = result if has_aux else (result, None)
         cols = tuple(o.new_zeros((0, *o.shape)) for o in out)
         return out, cols, aux
 
     def push(*tangents: torch.Tensor) -> Any:
-        jvp_out: Any = torch.func.jvp(flat_func, tuple(flat_in), tangents, has_aux=has_aux)
+        jvp_out: Any = jvp_with_argnums(
+            flat_func, args, tree_unflatten(list(tangents), in_spec), indices, has_aux=has_aux
+        )
         return (jvp_out[1], jvp_out[0], jvp_out[2]) if has_aux else (jvp_out[1], jvp_out[0])
 
     shared = (False, True, True) if has_aux else (False, True)

@@ -22,6 +22,12 @@ forward-over-reverse with the inner stage chosen by size (reverse unless the out
 more entries than the input). For a Jacobian: reverse mode unless the output has more
 entries than the input, then forward mode. The function-level transforms have no
 structured engine, so their ``"auto"`` is the second half of the same rule.
+
+A generic mode with a forward stage is probed once per module and request (one sample,
+one basis vector per stage): when it lacks a rule for an op of the forward (forward-mode
+AD not implemented, e.g. ``_weight_norm_interface``; in-place ops on inputs under
+vmapped forward mode), ``"auto"`` takes reverse(-over-reverse) instead, and an explicit
+mode is refused with a `TorchcurvError` that names it and suggests that one.
 """
 
 from __future__ import annotations
@@ -92,14 +98,21 @@ def choose(request: Request, mode: str) -> tuple[Engine, str]:
     Raises:
         UnsupportedModuleError: If an explicitly named engine cannot compute the request.
     """
+    from .generic import fallback_mode
+
+    fallback = fallback_mode(request.order)
     if mode != "auto":
         engine = engine_named(mode, request.order)
         obstacle = engine.obstacle(request)
         if obstacle is not None:
+            advice = (
+                f"Pass mode={fallback!r} (it needs no forward-mode rules) or mode='auto'."
+                if mode != "structured"
+                else "Pass mode='auto' (which takes an engine that applies) or a generic "
+                "mode such as mode='fwd-over-rev'."
+            )
             raise UnsupportedModuleError(
-                f"{request.function}: mode={mode!r} cannot be used here: {obstacle}. Pass "
-                "mode='auto' (which takes an engine that applies) or a generic mode such "
-                "as mode='fwd-over-rev'."
+                f"{request.function}: mode={mode!r} cannot be used here: {obstacle}. {advice}"
             )
         return engine, f"mode={mode!r} was given"
     if request.order == 2:
@@ -107,15 +120,23 @@ def choose(request: Request, mode: str) -> tuple[Engine, str]:
         obstacle = structured.obstacle(request)
         if obstacle is None and structured.predicted_faster(request):
             return structured, "auto: the structured engine applies and is predicted faster"
-        generic = engine_named(_auto_generic(request), 2)
         why = (
             f"auto: the structured engine does not apply ({obstacle})"
             if obstacle is not None
             else "auto: the structured engine applies but is predicted slower"
         )
-        return generic, why
-    generic = engine_named(_auto_generic(request), 1)
-    return generic, "auto: reverse mode unless the output is larger than the input"
+        return _usable_generic(request, _auto_generic(request), fallback, why)
+    why = "auto: reverse mode unless the output is larger than the input"
+    return _usable_generic(request, _auto_generic(request), fallback, why)
+
+
+def _usable_generic(request: Request, mode: str, fallback: str, why: str) -> tuple[Engine, str]:
+    """The generic engine of `mode`, or of `fallback` when `mode` lacks a rule here."""
+    engine = engine_named(mode, request.order)
+    obstacle = engine.obstacle(request)
+    if obstacle is None:
+        return engine, why
+    return engine_named(fallback, request.order), f"{why}; {obstacle}: {fallback}"
 
 
 def _auto_generic(request: Request) -> str:

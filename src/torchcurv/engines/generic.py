@@ -8,11 +8,82 @@ batch slice.
 
 from __future__ import annotations
 
-from .._runner import Work, vmapped
-from .._transforms import hessian, hessian_basis_sizes, jacobian
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import DERIVATIVE_LOCK
+from .._runner import Batch, Work, cuda_devices, vmapped
+from .._transforms import (
+    hessian,
+    hessian_basis_sizes,
+    jacobian,
+    probing,
+    vectorised_chunks,
+)
 from . import Request
 
-__all__ = ["GenericEngine"]
+__all__ = ["GenericEngine", "fallback_mode"]
+
+# Messages of torch errors that mean "this mode has no rule for an op of the forward"
+# (forward-mode AD not implemented, in-place ops under vmapped forward mode, a missing
+# higher-order derivative); another mode can compute the same derivative.
+_MODE_LACKS = (
+    "forward ad",
+    "forward-mode ad",
+    "not implemented",
+    "vmap: inplace arithmetic",
+    "setup_context",
+    "jvp",
+)
+
+# Probe results per module and request signature (weakly keyed by the module).
+_PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Any, str | None]] = weakref.WeakKeyDictionary()
+
+
+def _planned(transform: Any) -> Any:
+    """`transform` with its planned chunks vmapped (a chunk of one too): see
+    `torchcurv._transforms.vectorised_chunks`."""
+
+    def planned(*args: Any) -> Any:
+        with vectorised_chunks():
+            return transform(*args)
+
+    return planned
+
+
+def fallback_mode(order: int) -> str:
+    """The mode that needs no forward-mode rules: reverse(-over-reverse)."""
+    return "rev-over-rev" if order == 2 else "rev"
+
+
+def _probe(engine: GenericEngine, request: Request) -> str | None:
+    """Run `engine` on one sample with chunks of one basis vector (probe mode: two
+    chunks per stage) and say why it failed, if it failed for want of a rule."""
+    obj = request.objective
+    batch = Batch(request.function, obj.args(), obj.in_dims())
+    chunks = (1,) if engine.order == 1 else (1, 1)
+    work = engine.work(request, chunks)
+    try:
+        with (
+            DERIVATIVE_LOCK,
+            torch.random.fork_rng(devices=cuda_devices(batch.leaves)),
+            probing(),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")  # the real run warns, if it must
+            work.batched(*batch.first(1))
+    except (NotImplementedError, RuntimeError) as error:
+        text = str(error)
+        if isinstance(error, NotImplementedError) or any(s in text.lower() for s in _MODE_LACKS):
+            first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+            return f"{engine.mode!r} cannot differentiate this module ({first})"
+    except Exception:  # any other failure is the real run's to report
+        return None
+    return None
 
 
 class GenericEngine:
@@ -24,7 +95,20 @@ class GenericEngine:
         self.name = mode
 
     def obstacle(self, request: Request) -> str | None:
-        return None
+        """Why this mode cannot compute `request` (a missing forward-mode rule), or None.
+
+        Modes with a forward stage are probed once per module and request signature
+        (one sample, a chunk of one basis vector per stage); reverse-over-reverse is
+        not (it needs only the double backward every differentiable op has).
+        """
+        if "fwd" not in self.mode or request.out_numel == 0 or request.in_numel == 0:
+            return None
+        obj = request.objective
+        key = (self.mode, self.order, request.randomness, obj.signature())
+        cache = _PROBED.setdefault(obj.module, {})
+        if key not in cache:
+            cache[key] = _probe(self, request)
+        return cache[key]
 
     def predicted_faster(self, request: Request) -> bool:
         return True
@@ -52,4 +136,4 @@ class GenericEngine:
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,  # type: ignore[arg-type]
             )
-        return vmapped(transform, obj.in_dims(), 0, request.randomness)
+        return vmapped(_planned(transform), obj.in_dims(), 0, request.randomness)

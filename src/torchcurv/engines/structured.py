@@ -1085,7 +1085,7 @@ class StructuredEngine:
             return "it computes Hessians only"
         if obj.wrt != "inputs":
             return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
-        if not obj.single or obj.kwargs:
+        if len(obj.xs) != 1 or obj.kwargs:
             return "the module must take one input tensor and no keyword arguments"
         if isinstance(obj.output, bool) or not (
             obj.output is None or isinstance(obj.output, (int, slice))

@@ -12,7 +12,11 @@ inputs.
 
 Networks are built in eval mode, with weights made deterministically from a drawn seed
 (`torch.Generator`), and carry their per-sample input shape as ``module.input_shape``
-so that `inputs_for` can draw a batch for them.
+so that `inputs_for` can draw a batch for them: MLPs (`mlps`, `normalized_nets`,
+`residual_nets`), CNNs (`conv_nets`, `residual_nets`), sequence models on ``[B, T, F]``
+(`transformer_blocks`, `recurrent_nets`) and token models on integer ids
+(`embedding_nets`, which also carry ``module.vocab_size``). Every network maps its
+batch to ``[B, out_features]``.
 
 Example:
     >>> import torch, torchcurv
@@ -43,17 +47,35 @@ from .._types import HESSIAN_MODES, JACOBIAN_MODES
 
 __all__ = [
     "ACTIVATIONS",
+    "CELLS",
+    "EMBEDDING_POOLING",
     "FUNCTION_KINDS",
+    "MASKS",
+    "NORMS",
     "POOLING",
+    "RESIDUAL_KINDS",
+    "TRANSFORMER_ACTIVATIONS",
+    "TRANSFORMER_KINDS",
+    "AttentionBlock",
+    "MaskedBlock",
+    "MeanOverPositions",
+    "RecurrentNet",
+    "ResidualBlock",
     "TestFunction",
+    "TiedMLP",
     "chunk_sizes",
     "conv_nets",
     "dtypes",
+    "embedding_nets",
     "functions",
     "hessian_modes",
     "inputs_for",
     "jacobian_modes",
     "mlps",
+    "normalized_nets",
+    "recurrent_nets",
+    "residual_nets",
+    "transformer_blocks",
 ]
 
 T = TypeVar("T")
@@ -656,9 +678,11 @@ def _set_input_shape(module: nn.Module, shape: tuple[int, ...]) -> None:
     module.__dict__["input_shape"] = shape
 
 
-def _draw_bias(draw: st.DrawFn, bias: bool | SearchStrategy[bool] | None) -> bool:
+def _draw_bias(
+    draw: st.DrawFn, bias: bool | SearchStrategy[bool] | None, function: str = "mlps"
+) -> bool:
     value = draw(st.booleans() if bias is None else _as_strategy(bias))
-    return _check_bool("mlps", "bias", value)
+    return _check_bool(function, "bias", value)
 
 
 def mlps(
@@ -953,7 +977,10 @@ def _conv_nets(
     activation = draw(st.sampled_from(activations))
     pool = draw(st.sampled_from(pooling))
     n_out = out_features if out_features is not None else draw(st.integers(1, 3))
-    conv_bias, linear_bias = _draw_bias(draw, bias), _draw_bias(draw, bias)
+    conv_bias, linear_bias = (
+        _draw_bias(draw, bias, "conv_nets"),
+        _draw_bias(draw, bias, "conv_nets"),
+    )
     generator = torch.Generator().manual_seed(draw(_SEEDS))
 
     conv = nn.Conv2d(c, filters, k, bias=conv_bias, dtype=dtype)
@@ -971,6 +998,894 @@ def _conv_nets(
     module = nn.Sequential(*layers)
     _set_input_shape(module, (c, height, width))
     return module.eval()
+
+
+# --------------------------------------------------------------------------------------
+# today's architectures: normalisation, residual blocks, attention, recurrence, tokens
+# --------------------------------------------------------------------------------------
+
+#: Normalisation layers accepted by `normalized_nets`: LayerNorm, GroupNorm, BatchNorm1d
+#: (eval mode, non-trivial running statistics) and RMSNorm.
+NORMS: tuple[str, ...] = ("layer", "group", "batch", "rms")
+
+#: The kinds of block that `residual_nets` draws: ``x + f(x)`` with ``f`` an MLP or a
+#: "same"-padded convolution stack.
+RESIDUAL_KINDS: tuple[str, ...] = ("mlp", "conv")
+
+#: The kinds of block that `transformer_blocks` draws: `nn.TransformerEncoderLayer`
+#: (attention by `torch.nn.functional.scaled_dot_product_attention`) or the hand-written
+#: `AttentionBlock` (`nn.MultiheadAttention` with ``need_weights=True``: an explicit
+#: softmax).
+TRANSFORMER_KINDS: tuple[str, ...] = ("encoder_layer", "attention_block")
+
+#: Feed-forward activations accepted by `transformer_blocks` (those of
+#: `nn.TransformerEncoderLayer`).
+TRANSFORMER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
+
+#: Attention masks accepted by `transformer_blocks`: None, ``"causal"`` (a float mask,
+#: ``-inf`` above the diagonal, passed with ``is_causal=True``) or ``"fixed"`` (a drawn
+#: boolean mask, True where attention is blocked, never on the diagonal).
+MASKS: tuple[str | None, ...] = (None, "causal", "fixed")
+
+#: Recurrent layers accepted by `recurrent_nets`.
+CELLS: dict[str, Callable[..., nn.RNNBase]] = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+#: How `embedding_nets` pools the embedded tokens: flatten them, or average them.
+EMBEDDING_POOLING: tuple[str, ...] = ("flatten", "mean")
+
+
+def _initialise(module: nn.Module, generator: torch.Generator) -> None:
+    """Deterministic weights: matrices uniform in ``±2/sqrt(fan_in)``, biases in
+    ``±0.5``, other vectors (norm scales) in ``[0.5, 1.5]``."""
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            shape = tuple(tensor.shape)
+            if tensor.dim() >= 2:
+                bound = 2.0 / math.sqrt(math.prod(shape[1:]))
+                tensor.copy_(_uniform(generator, shape, -bound, bound))
+            elif "bias" in name.rsplit(".", 1)[-1]:
+                tensor.copy_(_uniform(generator, shape, -0.5, 0.5))
+            else:
+                tensor.copy_(_uniform(generator, shape, 0.5, 1.5))
+
+
+def _finish(module: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    _set_input_shape(module, shape)
+    return module.eval()
+
+
+class MeanOverPositions(nn.Module):
+    """The mean over dim 1: ``[B, T, F]`` to ``[B, F]`` (sequence pooling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x.mean(dim=1)
+        return out
+
+
+class ResidualBlock(nn.Module):
+    """``x + body(x)``, where `body` keeps the shape of ``x``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.body(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return "x + body(x)"
+
+
+class AttentionBlock(nn.Module):
+    """A hand-written transformer block on ``[B, T, d_model]``: self-attention and a
+    feed-forward net, each with a residual connection and a LayerNorm, before
+    (``norm_first=True``, pre-norm) or after (post-norm) the residual branch.
+
+    Attention is `nn.MultiheadAttention` called with ``need_weights=True``, so it runs
+    the explicit ``softmax(Q K^T / sqrt(d)) V`` of `multi_head_attention_forward`
+    rather than `scaled_dot_product_attention` (what `nn.TransformerEncoderLayer` uses).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        heads: int,
+        feedforward: int,
+        activation: str,
+        norm_first: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = nn.MultiheadAttention(
+            d_model, heads, dropout=0.0, batch_first=True, dtype=dtype
+        )
+        self.norm1 = nn.LayerNorm(d_model, dtype=dtype)
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, feedforward, dtype=dtype),
+            ACTIVATIONS[activation](),
+            nn.Linear(feedforward, d_model, dtype=dtype),
+        )
+        self.norm2 = nn.LayerNorm(d_model, dtype=dtype)
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        out: torch.Tensor = self.attn(
+            x, x, x, attn_mask=mask, need_weights=True, is_causal=is_causal
+        )[0]
+        return out
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self._attend(self.norm1(x), mask, is_causal)
+            out: torch.Tensor = x + self.ff(self.norm2(x))
+            return out
+        x = self.norm1(x + self._attend(x, mask, is_causal))
+        out = self.norm2(x + self.ff(x))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"norm_first={self.norm_first}"
+
+
+class MaskedBlock(nn.Module):
+    """A transformer block called with a fixed attention mask (a buffer, or None).
+
+    ``forward(x)`` is ``block(x, mask, is_causal)`` on ``[B, T, d_model]``, the mask
+    ``[T, T]`` shared by the batch; `mask_kind` is one of `MASKS`.
+    """
+
+    mask: torch.Tensor | None
+
+    def __init__(
+        self,
+        block: nn.TransformerEncoderLayer | AttentionBlock,
+        mask: torch.Tensor | None,
+        mask_kind: str | None,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.register_buffer("mask", mask)
+        self.mask_kind = mask_kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = self.mask_kind == "causal"
+        if isinstance(self.block, nn.TransformerEncoderLayer):
+            out: torch.Tensor = self.block(x, src_mask=self.mask, is_causal=causal)
+        else:
+            out = self.block(x, self.mask, causal)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"mask={self.mask_kind!r}"
+
+
+class RecurrentNet(nn.Module):
+    """A batch-first recurrent layer read out at its last step: ``[B, T, F]`` to
+    ``[B, out_features]`` as ``readout(rnn(x)[0][:, -1])``."""
+
+    input_shape: tuple[int, ...]
+
+    def __init__(self, rnn: nn.RNNBase, readout: nn.Linear) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.readout = readout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states, _ = self.rnn(x)
+        out: torch.Tensor = self.readout(states[:, -1])
+        return out
+
+
+def _check_flag(
+    function: str, argument: str, value: bool | SearchStrategy[bool] | None
+) -> bool | SearchStrategy[bool] | None:
+    if value is not None and not isinstance(value, SearchStrategy):
+        _check_bool(function, argument, value)
+    return value
+
+
+def _draw_flag(
+    draw: st.DrawFn, function: str, argument: str, value: bool | SearchStrategy[bool] | None
+) -> bool:
+    drawn = draw(st.booleans() if value is None else _as_strategy(value))
+    return _check_bool(function, argument, drawn)
+
+
+def _check_range(
+    function: str, name: str, low: Any, high: Any, min_value: int = 1
+) -> tuple[int, int]:
+    low_value = _check_int(function, f"min_{name}", low, min_value)
+    high_value = _check_int(function, f"max_{name}", high, min_value)
+    _check_order(function, f"min_{name}", low_value, f"max_{name}", high_value)
+    return low_value, high_value
+
+
+def _optional_int(function: str, argument: str, value: Any, min_value: int = 1) -> int | None:
+    return None if value is None else _check_int(function, argument, value, min_value)
+
+
+def _norm(
+    kind: str, width: int, groups: int, generator: torch.Generator, dtype: torch.dtype
+) -> nn.Module:
+    if kind == "batch":
+        return _batch_norm(generator, width, dtype)
+    layer: nn.Module
+    if kind == "layer":
+        layer = nn.LayerNorm(width, dtype=dtype)
+    elif kind == "group":
+        layer = nn.GroupNorm(groups, width, dtype=dtype)
+    else:
+        layer = nn.RMSNorm(width, eps=1e-5, dtype=dtype)
+    _initialise(layer, generator)
+    return layer
+
+
+def normalized_nets(
+    *,
+    norms: Sequence[str] | SearchStrategy[Sequence[str]] = NORMS,
+    in_features: int | SearchStrategy[int] | None = None,
+    out_features: int | SearchStrategy[int] | None = None,
+    min_depth: int | SearchStrategy[int] = 2,
+    max_depth: int | SearchStrategy[int] = 3,
+    min_width: int | SearchStrategy[int] = 2,
+    max_width: int | SearchStrategy[int] = 6,
+    activations: Sequence[str] | SearchStrategy[Sequence[str]] = ("tanh", "gelu", "softplus"),
+    bias: bool | SearchStrategy[bool] | None = None,
+    dtype: torch.dtype | SearchStrategy[torch.dtype] = torch.float64,
+) -> SearchStrategy[nn.Module]:
+    """MLPs with a normalisation layer after every hidden Linear, in eval mode.
+
+    An `nn.Sequential` ``Linear -> norm -> act -> ... -> Linear(..., out_features)``
+    with ``depth`` Linear layers (drawn in ``[min_depth, max_depth]``), each hidden
+    norm drawn from `norms`: `nn.LayerNorm`, `nn.GroupNorm` (the number of groups drawn
+    among the divisors of the width that leave at least two features a group, as torch
+    requires; on ``[B, C]`` each group is normalised per sample; a hidden width of 1
+    takes another norm), `nn.BatchNorm1d` (running statistics, eval mode) or `nn.RMSNorm`
+    (``eps=1e-5``), all with drawn affine parameters. Weights are deterministic from a
+    drawn seed, as in `mlps`. ``module.input_shape == (in_features,)``; ``module(X)``
+    maps ``[B, in_features]`` to ``[B, out_features]``.
+
+    Args:
+        norms: Names from `NORMS` to draw each norm from.
+        in_features: Input size; default drawn in ``[1, 4]``.
+        out_features: Output size; default drawn in ``[1, 3]``.
+        min_depth: Fewest Linear layers (at least 2: one norm at least).
+        max_depth: Most Linear layers.
+        min_width: Smallest hidden width (at least 1; the default 2 keeps LayerNorm from
+            normalising a single feature to its bias).
+        max_width: Largest hidden width.
+        activations: Names from `ACTIVATIONS` for the hidden activations.
+        bias: Whether Linear layers have a bias (a bool or a strategy drawn per layer;
+            default `st.booleans()`).
+        dtype: The parameters' dtype.
+
+    Returns:
+        A strategy of `nn.Sequential` with an ``input_shape`` attribute.
+
+    Raises:
+        InvalidArgument: On ``min_depth < 2``, sizes below 1, a ``min_*`` above its
+            ``max_*``, unknown norms or activations, a non-bool `bias` or a
+            non-floating `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find
+        >>> from torchcurv.testing.strategies import normalized_nets
+        >>> net = find(normalized_nets(norms=["layer"], in_features=3, out_features=1),
+        ...            lambda net: True)
+        >>> net
+        Sequential(
+          (0): Linear(in_features=3, out_features=2, bias=False)
+          (1): LayerNorm((2,), eps=1e-05, elementwise_affine=True, bias=True)
+          (2): Tanh()
+          (3): Linear(in_features=2, out_features=1, bias=False)
+        )
+        >>> net(torch.zeros(4, *net.input_shape, dtype=torch.float64)).shape
+        torch.Size([4, 1])
+    """
+    arguments = {
+        "norms": norms,
+        "in_features": in_features,
+        "out_features": out_features,
+        "min_depth": min_depth,
+        "max_depth": max_depth,
+        "min_width": min_width,
+        "max_width": max_width,
+        "activations": activations,
+        "dtype": dtype,
+    }
+    resolved = _resolve(lambda **kw: normalized_nets(bias=bias, **kw), arguments)
+    if resolved is not None:
+        return resolved
+    name = "normalized_nets"
+    chosen_norms = _check_choices(name, "norms", norms, NORMS)
+    n_in = _optional_int(name, "in_features", in_features)
+    n_out = _optional_int(name, "out_features", out_features)
+    depths = _check_range(name, "depth", min_depth, max_depth, min_value=2)
+    widths = _check_range(name, "width", min_width, max_width)
+    if chosen_norms == ("group",) and widths[0] < 2:
+        raise _fail(
+            name,
+            "min_width",
+            widths[0],
+            "must be at least 2 with norms=('group',): GroupNorm needs two features a group",
+        )
+    chosen = _check_choices(name, "activations", activations, list(ACTIVATIONS))
+    _check_flag(name, "bias", bias)
+    resolved_dtype = _check_dtype(name, "dtype", dtype)
+    return _normalized_nets(
+        chosen_norms, n_in, n_out, depths, widths, chosen, bias, resolved_dtype
+    )
+
+
+@st.composite
+def _normalized_nets(
+    draw: st.DrawFn,
+    norms: tuple[str, ...],
+    in_features: int | None,
+    out_features: int | None,
+    depths: tuple[int, int],
+    widths: tuple[int, int],
+    activations: tuple[str, ...],
+    bias: bool | SearchStrategy[bool] | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    depth = draw(st.integers(*depths))
+    n_in = in_features if in_features is not None else draw(st.integers(1, 4))
+    n_out = out_features if out_features is not None else draw(st.integers(1, 3))
+    sizes = [n_in] + [draw(st.integers(*widths)) for _ in range(depth - 1)] + [n_out]
+    # torch's group_norm needs at least two features per group: a width of 1 takes
+    # another norm (the check in normalized_nets keeps one available).
+    kinds = [
+        draw(st.sampled_from([n for n in norms if n != "group" or w >= 2])) for w in sizes[1:-1]
+    ]
+    groups = [
+        draw(st.sampled_from([g for g in range(1, w // 2 + 1) if w % g == 0]))
+        if kind == "group"
+        else 1
+        for kind, w in zip(kinds, sizes[1:-1], strict=True)
+    ]
+    hidden = [draw(st.sampled_from(activations)) for _ in range(depth - 1)]
+    biases = [_draw_flag(draw, "normalized_nets", "bias", bias) for _ in range(depth)]
+    generator = torch.Generator().manual_seed(draw(_SEEDS))
+    layers: list[nn.Module] = []
+    for k in range(depth):
+        layers.append(_linear(generator, sizes[k], sizes[k + 1], biases[k], dtype))
+        if k < depth - 1:
+            layers.append(_norm(kinds[k], sizes[k + 1], groups[k], generator, dtype))
+            layers.append(ACTIVATIONS[hidden[k]]())
+    return _finish(nn.Sequential(*layers), (n_in,))
+
+
+def residual_nets(
+    *,
+    kinds: Sequence[str] | SearchStrategy[Sequence[str]] = RESIDUAL_KINDS,
+    min_blocks: int | SearchStrategy[int] = 1,
+    max_blocks: int | SearchStrategy[int] = 2,
+    min_width: int | SearchStrategy[int] = 1,
+    max_width: int | SearchStrategy[int] = 4,
+    min_size: int | SearchStrategy[int] = 2,
+    max_size: int | SearchStrategy[int] = 4,
+    activations: Sequence[str] | SearchStrategy[Sequence[str]] = ("tanh", "gelu", "softplus"),
+    out_features: int | SearchStrategy[int] | None = None,
+    dtype: torch.dtype | SearchStrategy[torch.dtype] = torch.float64,
+) -> SearchStrategy[nn.Module]:
+    """Residual networks: `ResidualBlock` s ``x + f(x)`` and a Linear readout, in eval
+    mode with deterministic weights from a drawn seed.
+
+    * ``"mlp"``: ``f = Linear(W, H) -> act -> Linear(H, W)`` on ``[B, W]``;
+      ``module.input_shape == (W,)``.
+    * ``"conv"``: ``f = Conv2d(C, C, k, padding="same") -> act -> Conv2d(C, C, k,
+      padding="same")`` with ``k`` in ``{1, 3}``, on ``[B, C, S, S]``, then Flatten;
+      ``module.input_shape == (C, S, S)``.
+
+    The residual width ``W`` (or channels ``C``) and each hidden width ``H`` are drawn
+    in ``[min_width, max_width]``, the image side ``S`` in ``[min_size, max_size]``;
+    ``module(X)`` is ``[B, out_features]``.
+
+    Args:
+        kinds: Entries of `RESIDUAL_KINDS` to draw the kind from.
+        min_blocks: Fewest residual blocks (at least 1).
+        max_blocks: Most residual blocks.
+        min_width: Smallest width or channel count (at least 1).
+        max_width: Largest width or channel count (keep it small for ``"conv"``: the
+            input has ``C * S * S`` entries).
+        min_size: Smallest image side (``"conv"``; at least 1).
+        max_size: Largest image side.
+        activations: Names from `ACTIVATIONS` for the activation inside each block.
+        out_features: Output size; default drawn in ``[1, 3]``.
+        dtype: The parameters' dtype.
+
+    Returns:
+        A strategy of `nn.Sequential` with an ``input_shape`` attribute.
+
+    Raises:
+        InvalidArgument: On sizes below 1, a ``min_*`` above its ``max_*``, an unknown
+            kind or activation, or a non-floating `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find
+        >>> from torchcurv.testing.strategies import residual_nets
+        >>> net = find(residual_nets(kinds=["conv"], out_features=2), lambda net: True)
+        >>> net.input_shape
+        (1, 2, 2)
+        >>> net[0]
+        ResidualBlock(
+          x + body(x)
+          (body): Sequential(
+            (0): Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1), padding=same)
+            (1): Tanh()
+            (2): Conv2d(1, 1, kernel_size=(1, 1), stride=(1, 1), padding=same)
+          )
+        )
+        >>> net(torch.zeros(3, *net.input_shape, dtype=torch.float64)).shape
+        torch.Size([3, 2])
+    """
+    arguments = {
+        "kinds": kinds,
+        "min_blocks": min_blocks,
+        "max_blocks": max_blocks,
+        "min_width": min_width,
+        "max_width": max_width,
+        "min_size": min_size,
+        "max_size": max_size,
+        "activations": activations,
+        "out_features": out_features,
+        "dtype": dtype,
+    }
+    resolved = _resolve(lambda **kw: residual_nets(**kw), arguments)
+    if resolved is not None:
+        return resolved
+    name = "residual_nets"
+    chosen_kinds = _check_choices(name, "kinds", kinds, RESIDUAL_KINDS)
+    blocks = _check_range(name, "blocks", min_blocks, max_blocks)
+    widths = _check_range(name, "width", min_width, max_width)
+    sizes = _check_range(name, "size", min_size, max_size)
+    chosen = _check_choices(name, "activations", activations, list(ACTIVATIONS))
+    n_out = _optional_int(name, "out_features", out_features)
+    resolved_dtype = _check_dtype(name, "dtype", dtype)
+    return _residual_nets(chosen_kinds, blocks, widths, sizes, chosen, n_out, resolved_dtype)
+
+
+@st.composite
+def _residual_nets(
+    draw: st.DrawFn,
+    kinds: tuple[str, ...],
+    blocks: tuple[int, int],
+    widths: tuple[int, int],
+    sizes: tuple[int, int],
+    activations: tuple[str, ...],
+    out_features: int | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    kind = draw(st.sampled_from(kinds))
+    count = draw(st.integers(*blocks))
+    width = draw(st.integers(*widths))
+    side = draw(st.integers(*sizes)) if kind == "conv" else 0
+    n_out = out_features if out_features is not None else draw(st.integers(1, 3))
+    layers: list[nn.Module] = []
+    for _ in range(count):
+        hidden = draw(st.integers(*widths))
+        act = ACTIVATIONS[draw(st.sampled_from(activations))]()
+        if kind == "mlp":
+            body = [
+                nn.Linear(width, hidden, dtype=dtype),
+                act,
+                nn.Linear(hidden, width, dtype=dtype),
+            ]
+        else:
+            k = draw(st.sampled_from([1, 3]))
+            body = [
+                nn.Conv2d(width, hidden, k, padding="same", dtype=dtype),
+                act,
+                nn.Conv2d(hidden, width, k, padding="same", dtype=dtype),
+            ]
+        layers.append(ResidualBlock(nn.Sequential(*body)))
+    if kind == "conv":
+        layers.append(nn.Flatten())
+    features = width * side * side if kind == "conv" else width
+    layers.append(nn.Linear(features, n_out, dtype=dtype))
+    module = nn.Sequential(*layers)
+    _initialise(module, torch.Generator().manual_seed(draw(_SEEDS)))
+    return _finish(module, (width, side, side) if kind == "conv" else (width,))
+
+
+def transformer_blocks(
+    *,
+    kinds: Sequence[str] | SearchStrategy[Sequence[str]] = TRANSFORMER_KINDS,
+    min_length: int | SearchStrategy[int] = 1,
+    max_length: int | SearchStrategy[int] = 3,
+    min_heads: int | SearchStrategy[int] = 1,
+    max_heads: int | SearchStrategy[int] = 2,
+    min_head_dim: int | SearchStrategy[int] = 2,
+    max_head_dim: int | SearchStrategy[int] = 3,
+    min_feedforward: int | SearchStrategy[int] = 1,
+    max_feedforward: int | SearchStrategy[int] = 4,
+    norm_first: bool | SearchStrategy[bool] | None = None,
+    activations: Sequence[str] | SearchStrategy[Sequence[str]] = TRANSFORMER_ACTIVATIONS,
+    masks: Sequence[str | None] | SearchStrategy[Sequence[str | None]] = MASKS,
+    out_features: int | SearchStrategy[int] | None = None,
+    dtype: torch.dtype | SearchStrategy[torch.dtype] = torch.float64,
+) -> SearchStrategy[nn.Module]:
+    """One transformer encoder block on a short sequence, mean-pooled and read out.
+
+    An `nn.Sequential` ``MaskedBlock -> MeanOverPositions -> Linear(d_model,
+    out_features)``: the block (a kind from `TRANSFORMER_KINDS`: an
+    `nn.TransformerEncoderLayer` with ``batch_first=True``, or the hand-written
+    `AttentionBlock`) has ``heads`` heads of ``head_dim`` features
+    (``d_model = heads * head_dim``), a feed-forward width drawn in
+    ``[min_feedforward, max_feedforward]``, dropout 0, pre- or post-norm, and is called
+    with a fixed mask from `masks` (see `MASKS`). Weights are deterministic from a
+    drawn seed. ``module.input_shape == (T, d_model)``; ``module(X)`` maps
+    ``[B, T, d_model]`` to ``[B, out_features]``.
+
+    Args:
+        kinds: Entries of `TRANSFORMER_KINDS`.
+        min_length: Shortest sequence ``T`` (at least 1).
+        max_length: Longest sequence.
+        min_heads: Fewest attention heads (at least 1).
+        max_heads: Most attention heads.
+        min_head_dim: Smallest per-head width (at least 1; the default 2 keeps
+            ``d_model >= 2``, where LayerNorm does not collapse features to its bias).
+        max_head_dim: Largest per-head width.
+        min_feedforward: Smallest feed-forward width (at least 1).
+        max_feedforward: Largest feed-forward width.
+        norm_first: Pre-norm (True) or post-norm (False); default drawn.
+        activations: Feed-forward activations among `TRANSFORMER_ACTIVATIONS`.
+        masks: Masks among `MASKS`.
+        out_features: Output size; default drawn in ``[1, 3]``.
+        dtype: The parameters' dtype.
+
+    Returns:
+        A strategy of `nn.Sequential` with an ``input_shape`` attribute.
+
+    Raises:
+        InvalidArgument: On sizes below 1, a ``min_*`` above its ``max_*``, an unknown
+            kind, activation or mask, a non-bool `norm_first` or a non-floating `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find
+        >>> from torchcurv.testing.strategies import transformer_blocks
+        >>> net = find(transformer_blocks(masks=["causal"], out_features=1),
+        ...            lambda net: net.input_shape[0] == 3)
+        >>> net.input_shape, net[0].mask_kind
+        ((3, 2), 'causal')
+        >>> net[0].mask
+        tensor([[0., -inf, -inf],
+                [0., 0., -inf],
+                [0., 0., 0.]], dtype=torch.float64)
+        >>> net(torch.zeros(2, *net.input_shape, dtype=torch.float64)).shape
+        torch.Size([2, 1])
+    """
+    arguments = {
+        "kinds": kinds,
+        "min_length": min_length,
+        "max_length": max_length,
+        "min_heads": min_heads,
+        "max_heads": max_heads,
+        "min_head_dim": min_head_dim,
+        "max_head_dim": max_head_dim,
+        "min_feedforward": min_feedforward,
+        "max_feedforward": max_feedforward,
+        "activations": activations,
+        "masks": masks,
+        "out_features": out_features,
+        "dtype": dtype,
+    }
+    resolved = _resolve(lambda **kw: transformer_blocks(norm_first=norm_first, **kw), arguments)
+    if resolved is not None:
+        return resolved
+    name = "transformer_blocks"
+    chosen_kinds = _check_choices(name, "kinds", kinds, TRANSFORMER_KINDS)
+    lengths = _check_range(name, "length", min_length, max_length)
+    heads = _check_range(name, "heads", min_heads, max_heads)
+    head_dims = _check_range(name, "head_dim", min_head_dim, max_head_dim)
+    feedforward = _check_range(name, "feedforward", min_feedforward, max_feedforward)
+    _check_flag(name, "norm_first", norm_first)
+    chosen = _check_choices(name, "activations", activations, TRANSFORMER_ACTIVATIONS)
+    chosen_masks = _check_choices(name, "masks", masks, MASKS)
+    n_out = _optional_int(name, "out_features", out_features)
+    resolved_dtype = _check_dtype(name, "dtype", dtype)
+    return _transformer_blocks(
+        chosen_kinds,
+        lengths,
+        heads,
+        head_dims,
+        feedforward,
+        norm_first,
+        chosen,
+        chosen_masks,
+        n_out,
+        resolved_dtype,
+    )
+
+
+@st.composite
+def _transformer_blocks(
+    draw: st.DrawFn,
+    kinds: tuple[str, ...],
+    lengths: tuple[int, int],
+    heads: tuple[int, int],
+    head_dims: tuple[int, int],
+    feedforward: tuple[int, int],
+    norm_first: bool | SearchStrategy[bool] | None,
+    activations: tuple[str, ...],
+    masks: tuple[str | None, ...],
+    out_features: int | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    kind = draw(st.sampled_from(kinds))
+    length = draw(st.integers(*lengths))
+    n_heads = draw(st.integers(*heads))
+    d_model = n_heads * draw(st.integers(*head_dims))
+    ff = draw(st.integers(*feedforward))
+    pre_norm = _draw_flag(draw, "transformer_blocks", "norm_first", norm_first)
+    activation = draw(st.sampled_from(activations))
+    mask_kind = draw(st.sampled_from(masks))
+    n_out = out_features if out_features is not None else draw(st.integers(1, 3))
+    generator = torch.Generator().manual_seed(draw(_SEEDS))
+    block: nn.TransformerEncoderLayer | AttentionBlock
+    if kind == "encoder_layer":
+        block = nn.TransformerEncoderLayer(
+            d_model,
+            n_heads,
+            dim_feedforward=ff,
+            dropout=0.0,
+            activation=activation,
+            batch_first=True,
+            norm_first=pre_norm,
+            dtype=dtype,
+        )
+    else:
+        block = AttentionBlock(d_model, n_heads, ff, activation, pre_norm, dtype)
+    mask: torch.Tensor | None = None
+    if mask_kind == "causal":
+        mask = nn.Transformer.generate_square_subsequent_mask(length, dtype=dtype)
+    elif mask_kind == "fixed":
+        blocked = torch.rand((length, length), generator=generator) < 0.5
+        mask = blocked & ~torch.eye(length, dtype=torch.bool)
+    module = nn.Sequential(
+        MaskedBlock(block, mask, mask_kind),
+        MeanOverPositions(),
+        nn.Linear(d_model, n_out, dtype=dtype),
+    )
+    _initialise(module, generator)
+    return _finish(module, (length, d_model))
+
+
+def recurrent_nets(
+    *,
+    cells: Sequence[str] | SearchStrategy[Sequence[str]] = tuple(CELLS),
+    in_features: int | SearchStrategy[int] | None = None,
+    out_features: int | SearchStrategy[int] | None = None,
+    min_length: int | SearchStrategy[int] = 1,
+    max_length: int | SearchStrategy[int] = 4,
+    min_layers: int | SearchStrategy[int] = 1,
+    max_layers: int | SearchStrategy[int] = 2,
+    min_hidden: int | SearchStrategy[int] = 1,
+    max_hidden: int | SearchStrategy[int] = 3,
+    bias: bool | SearchStrategy[bool] | None = None,
+    dtype: torch.dtype | SearchStrategy[torch.dtype] = torch.float64,
+) -> SearchStrategy[nn.Module]:
+    """Recurrent nets: `nn.RNN` (tanh), `nn.GRU` or `nn.LSTM`, read out at the last step.
+
+    A `RecurrentNet`: the recurrent layer (``batch_first=True``, 1 to 2 stacked layers
+    by default, hidden size in ``[min_hidden, max_hidden]``, dropout 0) followed by
+    ``Linear(hidden, out_features)`` on the last step's output. Weights are
+    deterministic from a drawn seed (matrices uniform in ``±2/sqrt(fan_in)``).
+    ``module.input_shape == (T, in_features)``; ``module(X)`` maps
+    ``[B, T, in_features]`` to ``[B, out_features]``.
+
+    Args:
+        cells: Keys of `CELLS` (``"rnn"``, ``"gru"``, ``"lstm"``).
+        in_features: Features per step; default drawn in ``[1, 3]``.
+        out_features: Output size; default drawn in ``[1, 3]``.
+        min_length: Shortest sequence ``T`` (at least 1).
+        max_length: Longest sequence.
+        min_layers: Fewest stacked layers (at least 1).
+        max_layers: Most stacked layers.
+        min_hidden: Smallest hidden size (at least 1).
+        max_hidden: Largest hidden size.
+        bias: Whether the recurrent layer and readout have biases (one draw each;
+            default `st.booleans()`).
+        dtype: The parameters' dtype.
+
+    Returns:
+        A strategy of `RecurrentNet` with an ``input_shape`` attribute.
+
+    Raises:
+        InvalidArgument: On sizes below 1, a ``min_*`` above its ``max_*``, an unknown
+            cell, a non-bool `bias` or a non-floating `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find
+        >>> from torchcurv.testing.strategies import recurrent_nets
+        >>> net = find(recurrent_nets(cells=["gru"], in_features=2, out_features=1),
+        ...            lambda net: net.rnn.num_layers == 2)
+        >>> net
+        RecurrentNet(
+          (rnn): GRU(2, 1, num_layers=2, bias=False, batch_first=True)
+          (readout): Linear(in_features=1, out_features=1, bias=False)
+        )
+        >>> net(torch.zeros(5, *net.input_shape, dtype=torch.float64)).shape
+        torch.Size([5, 1])
+    """
+    arguments = {
+        "cells": cells,
+        "in_features": in_features,
+        "out_features": out_features,
+        "min_length": min_length,
+        "max_length": max_length,
+        "min_layers": min_layers,
+        "max_layers": max_layers,
+        "min_hidden": min_hidden,
+        "max_hidden": max_hidden,
+        "dtype": dtype,
+    }
+    resolved = _resolve(lambda **kw: recurrent_nets(bias=bias, **kw), arguments)
+    if resolved is not None:
+        return resolved
+    name = "recurrent_nets"
+    chosen = _check_choices(name, "cells", cells, tuple(CELLS))
+    n_in = _optional_int(name, "in_features", in_features)
+    n_out = _optional_int(name, "out_features", out_features)
+    lengths = _check_range(name, "length", min_length, max_length)
+    layers = _check_range(name, "layers", min_layers, max_layers)
+    hidden = _check_range(name, "hidden", min_hidden, max_hidden)
+    _check_flag(name, "bias", bias)
+    resolved_dtype = _check_dtype(name, "dtype", dtype)
+    return _recurrent_nets(chosen, n_in, n_out, lengths, layers, hidden, bias, resolved_dtype)
+
+
+@st.composite
+def _recurrent_nets(
+    draw: st.DrawFn,
+    cells: tuple[str, ...],
+    in_features: int | None,
+    out_features: int | None,
+    lengths: tuple[int, int],
+    layers: tuple[int, int],
+    hidden: tuple[int, int],
+    bias: bool | SearchStrategy[bool] | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    cell = draw(st.sampled_from(cells))
+    n_in = in_features if in_features is not None else draw(st.integers(1, 3))
+    n_out = out_features if out_features is not None else draw(st.integers(1, 3))
+    length = draw(st.integers(*lengths))
+    n_layers = draw(st.integers(*layers))
+    size = draw(st.integers(*hidden))
+    rnn_bias = _draw_flag(draw, "recurrent_nets", "bias", bias)
+    readout_bias = _draw_flag(draw, "recurrent_nets", "bias", bias)
+    rnn = CELLS[cell](
+        n_in, size, num_layers=n_layers, bias=rnn_bias, batch_first=True, dtype=dtype
+    )
+    module = RecurrentNet(rnn, nn.Linear(size, n_out, bias=readout_bias, dtype=dtype))
+    _initialise(module, torch.Generator().manual_seed(draw(_SEEDS)))
+    return _finish(module, (length, n_in))
+
+
+def embedding_nets(
+    *,
+    vocab_size: int | SearchStrategy[int] | None = None,
+    min_length: int | SearchStrategy[int] = 1,
+    max_length: int | SearchStrategy[int] = 4,
+    min_embedding_dim: int | SearchStrategy[int] = 1,
+    max_embedding_dim: int | SearchStrategy[int] = 3,
+    pooling: Sequence[str] | SearchStrategy[Sequence[str]] = EMBEDDING_POOLING,
+    activations: Sequence[str] | SearchStrategy[Sequence[str]] = ("tanh", "gelu", "softplus"),
+    padding: bool | SearchStrategy[bool] | None = None,
+    out_features: int | SearchStrategy[int] | None = None,
+    dtype: torch.dtype | SearchStrategy[torch.dtype] = torch.float64,
+) -> SearchStrategy[nn.Module]:
+    """Token models: `nn.Embedding`, pooling, an activation and a Linear readout.
+
+    An `nn.Sequential` ``Embedding(V, E) -> [Flatten | MeanOverPositions] -> act ->
+    Linear(..., out_features)`` in eval mode, with deterministic weights from a drawn
+    seed (with `padding`, ``padding_idx=0`` and row 0 of the table is zero, as torch
+    makes it). The inputs are integer token ids, so only parameter Hessians exist
+    (``wrt="params"``); the Hessian of the embedding table is non-zero through the
+    activation. ``module.input_shape == (T,)`` and ``module.vocab_size == V``: for such
+    a module `inputs_for` draws int64 ids in ``[0, V)``. ``module(X)`` maps ``[B, T]``
+    to ``[B, out_features]``. (For input Hessians through an embedding, differentiate
+    the embedded ``[B, T, E]`` floats with `transformer_blocks` or `recurrent_nets`.)
+
+    Args:
+        vocab_size: ``V``, the number of tokens; default drawn in ``[2, 6]``.
+        min_length: Fewest tokens ``T`` per sample (at least 1).
+        max_length: Most tokens per sample.
+        min_embedding_dim: Smallest embedding width ``E`` (at least 1).
+        max_embedding_dim: Largest embedding width.
+        pooling: Entries of `EMBEDDING_POOLING`.
+        activations: Names from `ACTIVATIONS` for the activation after pooling.
+        padding: Whether token 0 is a padding index; default drawn.
+        out_features: Output size; default drawn in ``[1, 3]``.
+        dtype: The parameters' dtype.
+
+    Returns:
+        A strategy of `nn.Sequential` with ``input_shape`` and ``vocab_size``.
+
+    Raises:
+        InvalidArgument: On sizes below 1, a ``min_*`` above its ``max_*``, an unknown
+            pooling or activation, a non-bool `padding` or a non-floating `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find
+        >>> from torchcurv.testing.strategies import embedding_nets, inputs_for
+        >>> net = find(embedding_nets(vocab_size=5, pooling=["mean"], padding=True),
+        ...            lambda net: True)
+        >>> net[0]
+        Embedding(5, 1, padding_idx=0)
+        >>> ids = find(inputs_for(net, batch_size=2), lambda ids: bool(ids.sum() > 0))
+        >>> ids.dtype, ids.shape, net(ids).shape
+        (torch.int64, torch.Size([2, 1]), torch.Size([2, 1]))
+    """
+    arguments = {
+        "vocab_size": vocab_size,
+        "min_length": min_length,
+        "max_length": max_length,
+        "min_embedding_dim": min_embedding_dim,
+        "max_embedding_dim": max_embedding_dim,
+        "pooling": pooling,
+        "activations": activations,
+        "out_features": out_features,
+        "dtype": dtype,
+    }
+    resolved = _resolve(lambda **kw: embedding_nets(padding=padding, **kw), arguments)
+    if resolved is not None:
+        return resolved
+    name = "embedding_nets"
+    n_vocab = _optional_int(name, "vocab_size", vocab_size)
+    lengths = _check_range(name, "length", min_length, max_length)
+    dims = _check_range(name, "embedding_dim", min_embedding_dim, max_embedding_dim)
+    pools = _check_choices(name, "pooling", pooling, EMBEDDING_POOLING)
+    chosen = _check_choices(name, "activations", activations, list(ACTIVATIONS))
+    _check_flag(name, "padding", padding)
+    n_out = _optional_int(name, "out_features", out_features)
+    resolved_dtype = _check_dtype(name, "dtype", dtype)
+    return _embedding_nets(n_vocab, lengths, dims, pools, chosen, padding, n_out, resolved_dtype)
+
+
+@st.composite
+def _embedding_nets(
+    draw: st.DrawFn,
+    vocab_size: int | None,
+    lengths: tuple[int, int],
+    dims: tuple[int, int],
+    pooling: tuple[str, ...],
+    activations: tuple[str, ...],
+    padding: bool | SearchStrategy[bool] | None,
+    out_features: int | None,
+    dtype: torch.dtype,
+) -> nn.Module:
+    vocab = vocab_size if vocab_size is not None else draw(st.integers(2, 6))
+    length = draw(st.integers(*lengths))
+    width = draw(st.integers(*dims))
+    pool = draw(st.sampled_from(pooling))
+    activation = draw(st.sampled_from(activations))
+    padded = _draw_flag(draw, "embedding_nets", "padding", padding)
+    n_out = out_features if out_features is not None else draw(st.integers(1, 3))
+    embedding = nn.Embedding(vocab, width, padding_idx=0 if padded else None, dtype=dtype)
+    features = width * length if pool == "flatten" else width
+    module = nn.Sequential(
+        embedding,
+        nn.Flatten() if pool == "flatten" else MeanOverPositions(),
+        ACTIVATIONS[activation](),
+        nn.Linear(features, n_out, dtype=dtype),
+    )
+    _initialise(module, torch.Generator().manual_seed(draw(_SEEDS)))
+    if padded:
+        with torch.no_grad():
+            embedding.weight[0].zero_()
+    module.__dict__["vocab_size"] = vocab
+    return _finish(module, (length,))
 
 
 # --------------------------------------------------------------------------------------
@@ -994,29 +1909,35 @@ def inputs_for(
     dtype: torch.dtype | SearchStrategy[torch.dtype] | None = None,
     elements: SearchStrategy[float] | None = None,
 ) -> SearchStrategy[torch.Tensor]:
-    """Batches ``[B, *input_shape]`` for a module from `mlps` / `conv_nets`, or a shape.
+    """Batches ``[B, *input_shape]`` for a module from the network strategies, or a shape.
 
     Entries lie in ``[-2, 2]``. Tensors of at most `ELEMENTWISE_LIMIT` entries are drawn
     entry by entry (and shrink entry by entry towards 0); larger ones are a drawn scale
     in ``[0, 2]`` times a uniform ``[-1, 1]`` pattern from a drawn seed (they shrink
-    towards zeros), which keeps hypothesis' example size small.
+    towards zeros), which keeps hypothesis' example size small. Sequence models
+    (`transformer_blocks`, `recurrent_nets`) get ``[B, T, F]``. A module with a
+    ``vocab_size`` attribute (`embedding_nets`) gets integer token ids in
+    ``[0, vocab_size)``, drawn id by id and shrinking towards 0.
 
     Args:
-        module_or_shape: A module with an ``input_shape`` attribute (what `mlps` and
-            `conv_nets` build) or the per-sample shape itself, e.g. ``(3,)``.
+        module_or_shape: A module with an ``input_shape`` attribute (what the network
+            strategies build) or the per-sample shape itself, e.g. ``(3,)``.
         min_batch: The smallest batch size ``B`` (at least 1).
         max_batch: The largest batch size.
         batch_size: A fixed batch size (overrides `min_batch` / `max_batch`).
-        dtype: The dtype; default the module's parameter dtype, float64 for a shape.
+        dtype: The dtype; default the module's parameter dtype, float64 for a shape,
+            int64 for token ids (which take an integer dtype only).
         elements: A strategy of floats for the entries, always drawn entry by entry
-            (keep such tensors small: hypothesis refuses very large examples).
+            (keep such tensors small: hypothesis refuses very large examples); not for
+            token ids.
 
     Returns:
         A strategy of tensors of shape ``(B, *input_shape)``.
 
     Raises:
         InvalidArgument: If the module has no ``input_shape``, the shape has negative
-            sizes, batch sizes are below 1 or out of order, or `dtype` is not floating.
+            sizes, batch sizes are below 1 or out of order, `dtype` is not floating
+            (not an integer dtype for token ids), or `elements` is given for token ids.
 
     Example:
         >>> import torch
@@ -1068,10 +1989,41 @@ def inputs_for(
         low = _check_int(name, "min_batch", min_batch, 1)
         high = _check_int(name, "max_batch", max_batch, 1)
         _check_order(name, "min_batch", low, "max_batch", high)
+    vocab = getattr(module_or_shape, "vocab_size", None)
+    if vocab is not None:
+        vocab = _check_int(name, "module_or_shape.vocab_size", vocab, 1)
+        token_dtype = torch.int64 if dtype is None else dtype
+        if not isinstance(token_dtype, torch.dtype) or token_dtype.is_floating_point:
+            raise _fail(
+                name,
+                "dtype",
+                dtype,
+                "must be an integer torch.dtype such as torch.int64 for a module of "
+                "token ids (it has a vocab_size)",
+            )
+        if elements is not None:
+            raise _fail(name, "elements", elements, "cannot be used for token ids")
+        return _tokens(tuple(shape), low, high, vocab, token_dtype)
     resolved_dtype = _check_dtype(name, "dtype", default_dtype if dtype is None else dtype)
     if elements is not None and not isinstance(elements, SearchStrategy):
         raise _fail(name, "elements", elements, "must be a strategy of floats or None")
     return _inputs(tuple(shape), low, high, resolved_dtype, elements)
+
+
+@st.composite
+def _tokens(
+    draw: st.DrawFn,
+    shape: tuple[int, ...],
+    min_batch: int,
+    max_batch: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    batch = draw(st.integers(min_value=min_batch, max_value=max_batch))
+    full = (batch, *shape)
+    count = math.prod(full)
+    ids = draw(st.lists(st.integers(0, vocab_size - 1), min_size=count, max_size=count))
+    return torch.tensor(ids, dtype=dtype).reshape(full)
 
 
 @st.composite
