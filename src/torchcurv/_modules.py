@@ -472,12 +472,8 @@ def per_sample_jacobian(
         targets: One target per sample, with `loss`.
         loss: ``loss(out, target) -> scalar``.
         params: Which parameters, see `torchcurv.functional`.
-        kwargs: Keyword arguments for the forward, the same for every sample (not
-            batched); per-sample tensors go in `inputs`.
-        argnums: Which positional inputs to differentiate (torch.func's name), with
-            ``wrt="inputs"``/``"both"``: None (all), an int (one; results are not
-            nested) or a tuple. The others (a class index, a per-sample padding mask)
-            are passed along per sample, batch dim first, undifferentiated.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
         mode: ``"rev"``, ``"fwd"`` or ``"auto"``: reverse mode unless the output has
             more entries than the input.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, basis)``.

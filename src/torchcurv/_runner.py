@@ -212,16 +212,14 @@ class _Output:
     def _layout(self, result: Any) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(result)
         if self.spec is None:
-            dims = broadcast_to_and_flatten(self.out_dims, spec)
-            if dims is None or any(
-                d is not None and (not isinstance(d, int) or isinstance(d, bool)) for d in dims
-            ):
+            dims = broadcast_to_and_flatten(self.out_dims, spec)  # entries checked by per_sample
+            if dims is None:
                 argument_error(
                     self.function,
                     "out_dims",
-                    "must be an int, None or a pytree of them matching the outputs",
+                    "does not match the structure of the outputs",
                     self.out_dims,
-                    "Pass out_dims=0 (None for outputs that do not depend on the batch).",
+                    "Give out_dims the structure of the outputs (a prefix), or pass an int.",
                 )
             self.spec, self.dims = (
                 spec,
@@ -252,10 +250,11 @@ class _Output:
     def add_loop(self, start: int, results: list[Any]) -> None:
         groups = list(zip(*(tree_flatten(r)[0] for r in results), strict=True))
         spec = tree_flatten(results[0])[1]
-        self._layout(tree_unflatten([torch.stack(g, dim=0) for g in groups], spec))
+        stacked = [torch.stack(group, dim=0) for group in groups]
+        self._layout(tree_unflatten(stacked, spec))
         moved = [
-            group[0] if d is None else torch.stack(group, dim=d)
-            for group, d in zip(groups, self.dims, strict=True)
+            group[0] if d is None else s.movedim(0, d)
+            for group, s, d in zip(groups, stacked, self.dims, strict=True)
         ]
         self.add(start, tree_unflatten(moved, spec))
 

@@ -152,10 +152,13 @@ def _split_aux(function: str, result: Any) -> tuple[Any, Any]:
     return result[0], result[1]
 
 
+def _cuda_indices(leaves: Sequence[torch.Tensor]) -> list[int]:
+    return sorted({leaf.device.index or 0 for leaf in leaves if leaf.device.type == "cuda"})
+
+
 def _rng_states(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The CPU generator's state and those of the CUDA devices that `leaves` live on."""
-    devices = sorted({leaf.device.index or 0 for leaf in leaves if leaf.device.type == "cuda"})
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in _cuda_indices(leaves))]
 
 
 def _random_error(name: str) -> TorchcurvError:
@@ -195,8 +198,7 @@ class _RNGReplay:
 
     def __init__(self, leaves: Sequence[torch.Tensor]) -> None:
         self.cpu = torch.get_rng_state()
-        devices = {leaf.device for leaf in leaves if leaf.device.type == "cuda"}
-        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in _cuda_indices(leaves)}
 
     def replay(self) -> None:
         torch.set_rng_state(self.cpu)
@@ -402,12 +404,13 @@ def _jacobian(
         if mode in ("rev", "auto"):
             vjp_out: Any = vjp_with_argnums(flat_func, *args, argnums=indices, has_aux=has_aux)
             flat_out = vjp_out[0]
+            n_out = sum(o.numel() for o in flat_out)
             if mode == "auto":
-                chosen = "rev" if sum(o.numel() for o in flat_out) <= n_in else "fwd"
+                chosen = "rev" if n_out <= n_in else "fwd"
         if chosen == "rev":
             vjp_fn = vjp_out[1]
             aux = vjp_out[2] if has_aux else None
-            if sum(o.numel() for o in flat_out) == 0:
+            if n_out == 0:
                 rows: Any = tuple(leaf.new_zeros((0, *leaf.shape)) for leaf in flat_in)
             else:
                 rows = _map_basis(
