@@ -168,6 +168,27 @@ def test_check_model_passes_on_a_layer_norm_model(mode: str) -> None:
     assert "H['params']['1.weight']['params']['0.bias']" in report.blocks
 
 
+class _Attention(nn.Module):
+    """A transformer block on the fused CPU attention kernel (eval, no dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)[:, 0, :3]
+
+
+@pytest.mark.parametrize("wrt", ["inputs", "params"])
+def test_check_model_runs_its_oracle_through_attention(wrt: str) -> None:
+    # autograd has no double backward for the fused CPU kernel; the oracle takes math
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    params = "block.self_attn.in_proj_*" if wrt == "params" else None
+    report = check_model(model, torch.randn(2, 4, 8), wrt=wrt, params=params, output=1)
+    assert report.max_abs_expected > 1e-3  # a curved objective, not a vacuous check
+
+
 def test_check_model_counts_at_most_the_batch() -> None:
     report = check_model(nn.Linear(3, 2), torch.randn(2, 3), samples=5, output=0)
     assert report.samples == 2

@@ -331,3 +331,80 @@ def test_argnums_errors_name_the_argument_and_the_fix() -> None:
         torchcurv.per_sample_hessian(model, (X, index), argnums=0, wrt="params")
     with pytest.raises(TorchcurvError, match="argnums"):
         torchcurv.per_sample_hessian(model, (X, index), argnums="0")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# errors that say what to do, and selections a torch user writes
+# --------------------------------------------------------------------------------------
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(x if mask is None else x * mask).tanh().sum(-1, keepdim=True)
+
+
+def test_a_per_sample_tensor_in_kwargs_points_to_argnums() -> None:
+    model, X = _Masked(), torch.randn(5, 4, dtype=D)
+    mask = (torch.rand(5, 4) > 0.5).to(D)
+    with pytest.raises(TorchcurvError, match=r"kwargs\['mask'\] looks per-sample.*argnums=\(0,\)"):
+        torchcurv.per_sample_hessian(model, X, kwargs={"mask": mask})
+    # the advice works, and equals the oracle
+    H = torchcurv.per_sample_hessian(model, (X, mask), argnums=0)
+    for i in range(5):
+        expected = reference.hessian(lambda x, i=i: model(x[None], mask[i : i + 1]).sum())(X[i])
+        torch.testing.assert_close(H[i, 0], expected)
+    # an unbatched tensor in kwargs is fine
+    shared = torch.ones(4, dtype=D)
+    torchcurv.per_sample_hessian(model, X, kwargs={"mask": shared})
+
+
+def test_a_wrong_shaped_params_tensor_is_named() -> None:
+    model, X = _Masked(), torch.randn(3, 4, dtype=D)
+    with pytest.raises(
+        TorchcurvError, match=r"params\['linear.weight'\] must have the parameter's shape \(2, 4\)"
+    ):
+        torchcurv.per_sample_hessian(
+            model, X, wrt="params", params={"linear.weight": torch.zeros(4, 2, dtype=D)}
+        )
+
+
+def test_a_one_argument_predicate_selects_like_a_two_argument_one() -> None:
+    model, X = _Masked(), torch.randn(3, 4, dtype=D)
+    one = torchcurv.per_sample_hessian(model, X, wrt="params", params=lambda n: "bias" in n)
+    two = torchcurv.per_sample_hessian(model, X, wrt="params", params=lambda n, p: "bias" in n)
+    assert list(one) == ["linear.bias"]
+    torch.testing.assert_close(one, two)
+    with pytest.raises(TorchcurvError, match="takes neither"):
+        torchcurv.per_sample_hessian(model, X, wrt="params", params=lambda a, b, c: True)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(3, 3, bias=False).double()
+        self.decode = nn.Linear(3, 3, bias=False).double()
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x).tanh()).pow(2).sum(-1, keepdim=True)
+
+
+def test_any_name_of_a_tied_weight_selects_its_one_entry() -> None:
+    model, X = _Tied(), torch.randn(2, 3, dtype=D)
+    first = torchcurv.per_sample_hessian(model, X, wrt="params", params=["encode.weight"])
+    alias = torchcurv.per_sample_hessian(model, X, wrt="params", params=["decode.weight"])
+    given = torchcurv.per_sample_hessian(
+        model, X, wrt="params", params={"decode.weight": model.encode.weight.detach()}
+    )
+    assert list(alias) == list(given) == ["encode.weight"]
+    torch.testing.assert_close(alias, first)
+    torch.testing.assert_close(given, first)
+    W = model.encode.weight.detach()
+    expected = reference.hessian(
+        lambda w: torch.func.functional_call(model, {"encode.weight": w}, (X[:1],)).sum(),
+    )(W)
+    torch.testing.assert_close(first["encode.weight"]["encode.weight"][0, 0], expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,9 +21,44 @@ from ._types import ParamSelection
 __all__ = ["functional", "functional_of", "select_names"]
 
 
+def aliases(module: nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> the name `named_parameters()` gives it (a tied
+    weight's later names map to its first)."""
+    first: dict[int, str] = {}
+    names = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names[n] = first.setdefault(id(p), n)
+    return names
+
+
+def _predicate(function: str, params: Callable[..., Any]) -> Callable[[str, Any], Any]:
+    """A predicate of (name, tensor) or of the name alone, as a function of both."""
+    try:
+        signature = inspect.signature(params)
+    except (TypeError, ValueError):  # a builtin without a signature: assume (name, tensor)
+        return params
+    for arguments, wrap in ((("n", None), params), (("n",), lambda n, p: params(n))):
+        try:
+            signature.bind(*arguments)
+        except TypeError:
+            continue
+        return wrap
+    argument_error(
+        function,
+        "params",
+        "is a callable that takes neither (name, tensor) nor (name)",
+        params,
+        'Pass e.g. params=lambda name, p: name.endswith("bias").',
+    )
+
+
 def select_names(function: str, module: nn.Module, params: Any) -> list[str]:
     named = dict(module.named_parameters())
+    every = aliases(module)
     available = ", ".join(named) or "(none)"
+    if len(every) > len(named):
+        available += " (tied: " + ", ".join(f"{a} is {n}" for a, n in every.items() if a != n)
+        available += ")"
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
@@ -35,7 +71,8 @@ def select_names(function: str, module: nn.Module, params: Any) -> list[str]:
             )
         return names
     if callable(params) and not isinstance(params, (str, Mapping)):
-        names = [n for n, p in named.items() if params(n, p)]
+        predicate = _predicate(function, params)
+        names = [n for n, p in named.items() if predicate(n, p)]
         if not names:
             argument_error(
                 function,
@@ -70,8 +107,8 @@ def select_names(function: str, module: nn.Module, params: Any) -> list[str]:
             f"model.named_parameters()] or ['fc2.*']; available: {available}.",
         )
     names = []
-    for pattern in patterns:
-        matched = [n for n in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+    for pattern in patterns:  # a tied weight's every name selects its one entry
+        matched = [every[n] for n in every if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             argument_error(
                 function,
@@ -102,8 +139,9 @@ def functional(
         module: The model. It is never modified.
         params: Which parameters to differentiate: None (all with
             ``requires_grad=True``), a name or glob pattern (``"fc2.*"``,
-            ``"*.bias"``), a list of them, a predicate ``(name, tensor) -> bool``, or a
-            dict ``{name: tensor}`` that also gives their values.
+            ``"*.bias"``), a list of them, a predicate ``(name, tensor) -> bool`` or
+            ``(name) -> bool``, or a dict ``{name: tensor}`` that also gives their
+            values. Any name of a tied weight selects its one entry.
 
     Returns:
         ``(fn, params)``: the function and detached copies of the selected parameters
@@ -143,18 +181,27 @@ def functional_of(
     results stay connected to the module's autograd graph (``create_graph=True``).
     """
     names = select_names(function, module, params) if select else []
-    given = params if isinstance(params, Mapping) else {}
+    every = aliases(module)
+    given = {every[k]: (k, v) for k, v in params.items()} if isinstance(params, Mapping) else {}
     selected = {}
     for n, p in module.named_parameters():
         if n in names:
-            value = given.get(n, p)
+            key, value = given.get(n, (n, p))
             if not isinstance(value, torch.Tensor):
                 argument_error(
                     function,
-                    f"params[{n!r}]",
+                    f"params[{key!r}]",
                     "must be a tensor",
                     value,
                     "Pass {name: tensor} or names only.",
+                )
+            if value.shape != p.shape:
+                argument_error(
+                    function,
+                    f"params[{key!r}]",
+                    f"must have the parameter's shape {tuple(p.shape)}",
+                    value,
+                    f"Pass a tensor shaped like module.get_parameter({n!r}).",
                 )
             selected[n] = value if attached else value.detach().clone()
     fixed = {

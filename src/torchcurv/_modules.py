@@ -33,6 +33,7 @@ from ._checks import (
     check_module_chunk,
     check_randomness,
 )
+from ._compat import tree_flatten
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional as functional
 from ._memory import DEFAULT_WORKING_SET, SAFETY_MARGIN, Plan, fit, parse_budget, plan
@@ -136,9 +137,10 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
     try:
         with torch.random.fork_rng(devices=cuda_devices(list(obj.xs))), torch.no_grad():
             out = obj.per_sample(diff, xs, target)
-    except TorchcurvError:
-        raise
     except Exception as error:
+        _refuse_batched_kwargs(obj, error)
+        if isinstance(error, TorchcurvError):
+            raise
         shapes = ", ".join(describe(x) for x in obj.xs)
         given = "" if obj.targets is None else f" and targets {describe(obj.targets)}"
         dtypes = {p.dtype for p in obj.module.parameters()}
@@ -156,6 +158,23 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
             "shapes and dtypes the module (and loss) expect, with the batch dim first."
         ) from error
     return tuple(out.shape)
+
+
+def _refuse_batched_kwargs(obj: Objective, error: Exception) -> None:
+    """After a failed forward: a kwargs tensor with the batch's leading size is the
+    likely cause (kwargs reach every sample unchanged); say so and point to argnums."""
+    size = obj.xs[0].shape[0] if obj.xs and obj.xs[0].dim() else 0
+    for key, value in obj.kwargs.items():
+        leaves = [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+        if size > 1 and any(v.dim() and v.shape[0] == size for v in leaves):
+            raise TorchcurvError(
+                f"{obj.function}: kwargs[{key!r}] looks per-sample ({describe(leaves[0])}, "
+                f"leading dim {size} = the batch size), and the forward of one sample "
+                f"failed with it ({type(error).__name__}: {str(error).splitlines()[0]}). "
+                "kwargs reach every sample unchanged. Pass per-sample tensors "
+                "positionally, inputs=(x, mask), with argnums=(0,) to leave the others "
+                "undifferentiated."
+            ) from error
 
 
 def _prepare(

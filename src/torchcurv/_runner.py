@@ -211,8 +211,12 @@ class _Output:
 
     def _layout(self, result: Any) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(result)
+        self._check_tensors(leaves)
         if self.spec is None:
-            dims = broadcast_to_and_flatten(self.out_dims, spec)  # entries checked by per_sample
+            out_dims = self.out_dims
+            if isinstance(out_dims, tuple) and len(out_dims) == 1 and spec.num_leaves == 1:
+                out_dims = out_dims[0]  # vmap reads a one-tuple as the single output's dim
+            dims = broadcast_to_and_flatten(out_dims, spec)  # entries checked by per_sample
             if dims is None:
                 argument_error(
                     self.function,
@@ -247,7 +251,20 @@ class _Output:
             if dim is not None:
                 buffer.narrow(dim, start, leaf.shape[dim]).copy_(leaf)
 
+    def _check_tensors(self, leaves: Sequence[Any]) -> None:
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                argument_error(
+                    self.function,
+                    "func",
+                    "must return tensors (or pytrees of tensors)",
+                    leaf,
+                    "Return a tensor, e.g. torch.as_tensor(value), not a Python number.",
+                )
+
     def add_loop(self, start: int, results: list[Any]) -> None:
+        for r in results:
+            self._check_tensors(tree_flatten(r)[0])
         groups = list(zip(*(tree_flatten(r)[0] for r in results), strict=True))
         spec = tree_flatten(results[0])[1]
         stacked = [torch.stack(group, dim=0) for group in groups]

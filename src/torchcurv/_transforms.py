@@ -276,6 +276,15 @@ def _map_basis(
                 )
             results.append(result)
         except RuntimeError as error:
+            if "modified by an inplace operation" in str(error):
+                raise TorchcurvError(
+                    f"{name}: autograd found a tensor that func wrote in place after the "
+                    "derivative had recorded it. With chunks, func runs once per chunk "
+                    "of a forward stage, so an in-place write into an argument (or a "
+                    "captured tensor) lands on values an earlier chunk's graph still "
+                    "needs. Pass chunk_size=None for that stage, use a reverse inner "
+                    "mode (mode='fwd-over-rev' or 'rev-over-rev'), or write out of place."
+                ) from error
             if "randomness error mode" not in str(error):
                 raise
             raise _random_error(name) from None
@@ -651,8 +660,35 @@ def _check_primals(name: str, primals: Any, tangents: Any) -> None:
             tangents,
             "Pass one tangent per primal, e.g. (v,).",
         )
-    for p, t in zip(tree_flatten(primals)[0], tree_flatten(tangents)[0], strict=False):
-        if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor) and p.shape != t.shape:
+    primal_leaves, tangent_leaves = tree_flatten(primals)[0], tree_flatten(tangents)[0]
+    if not any(isinstance(p, torch.Tensor) for p in primal_leaves):
+        argument_error(
+            name,
+            "primals",
+            "must contain at least one tensor",
+            primals,
+            "Pass the point as a tuple of tensors, e.g. (x,).",
+        )
+    for p in primal_leaves:
+        if not isinstance(p, torch.Tensor):
+            argument_error(
+                name,
+                "primals",
+                "must contain only tensors (every argument is differentiated)",
+                p,
+                "Capture other values in func (functools.partial or a closure).",
+            )
+    for t in tangent_leaves:
+        if not isinstance(t, torch.Tensor):
+            argument_error(
+                name,
+                "tangents",
+                "must contain only tensors",
+                t,
+                "Give one tensor per primal tensor, e.g. (torch.ones_like(x),).",
+            )
+    for p, t in zip(primal_leaves, tangent_leaves, strict=False):
+        if p.shape != t.shape:
             argument_error(
                 name,
                 "tangents",

@@ -44,7 +44,12 @@ RANDOMNESS: tuple[str, ...] = ("error", "same")
 BATCH_RANDOMNESS: tuple[str, ...] = ("error", "different", "same")
 
 ParamSelection = (
-    None | str | Sequence[str] | Callable[[str, torch.Tensor], bool] | Mapping[str, torch.Tensor]
+    None
+    | str
+    | Sequence[str]
+    | Callable[[str, torch.Tensor], bool]
+    | Callable[[str], bool]
+    | Mapping[str, torch.Tensor]
 )
 Wrt = Literal["inputs", "params", "both"]
 WRT: tuple[str, ...] = ("inputs", "params", "both")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
 import torchcurv
@@ -139,7 +140,8 @@ def check_model(
     the differentiated quantity (the sample's inputs fed as a batch of one, or the
     parameters through `torch.func.functional_call`) differentiated by
     `torchcurv.reference.hessian`, one autograd double backward per row, without vmap
-    or forward mode. Both run in float64 on a deep copy of the model (float parameters,
+    or forward mode (attention on its math kernel: ``sdpa_kernel`` is selected while
+    the oracle runs, a process-wide setting restored afterwards). Both run in float64 on a deep copy of the model (float parameters,
     buffers, inputs, targets and forward keyword arguments converted); the model passed
     in is never modified. Blocks are compared with the tolerance policy of
     `assert_trees_close`. For a single sample ``x`` and a scalar objective the compared
@@ -237,12 +239,8 @@ def check_model(
     names: list[str] = []
     values: dict[str, torch.Tensor] = {}
     if wrt != "inputs":
-        _, selected = functional(model64, params)
-        names = list(selected)
-        own = dict(model64.named_parameters())
-        values = {
-            n: (params[n] if isinstance(params, Mapping) else own[n]).detach() for n in names
-        }
+        _, values = functional(model64, params)  # the given values, or the model's own
+        names = list(values)
 
     mode = str(kwargs.get("mode", "auto"))
     blocks: list[str] = []
@@ -265,7 +263,10 @@ def check_model(
             kwargs.get("loss"),
             None if targets is None else targets[i],
         )
-        expected = reference.hessian(objective)(diff)
+        # Autograd has no double backward for the fused CPU attention kernels; the math
+        # kernel is the same function, written in differentiable ops.
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = reference.hessian(objective)(diff)
         found = tree_map(lambda t, i=i: t[i], actual)
         _check_structure(found, expected, i)
         blocks = []
