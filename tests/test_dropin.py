@@ -408,3 +408,39 @@ def test_any_name_of_a_tied_weight_selects_its_one_entry() -> None:
         lambda w: torch.func.functional_call(model, {"encode.weight": w}, (X[:1],)).sum(),
     )(W)
     torch.testing.assert_close(first["encode.weight"]["encode.weight"][0, 0], expected)
+
+
+class _ClampsItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.linear.weight.clamp_(-0.1, 0.1)
+        return self.linear(x).tanh().sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("wrt", ["inputs", "params"])
+def test_a_forward_that_writes_a_parameter_is_refused_and_writes_nothing(wrt: str) -> None:
+    model, X = _ClampsItsWeight(), torch.randn(2, 3, dtype=D)
+    before = model.linear.weight.detach().clone()
+    with pytest.raises(TorchcurvError, match=r"writes in place \(aten::clamp_\).*outside the"):
+        if wrt == "params":
+            torchcurv.per_sample_hessian(model, X, wrt=wrt, params="linear.bias")
+        else:
+            torchcurv.per_sample_hessian(model, X)
+    assert torch.equal(model.linear.weight, before)
+
+
+def test_global_backward_hooks_are_refused_with_the_fix() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X = torch.randn(2, 3, dtype=D)
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None)
+    try:
+        for mode in ["auto", "rev-over-rev"]:
+            with pytest.raises(TorchcurvError, match=r"global module backward hooks.*remove"):
+                torchcurv.per_sample_hessian(model, X, mode=mode)
+    finally:
+        handle.remove()
+    torchcurv.per_sample_hessian(model, X)  # fine once removed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from ._checks import check_module
-from ._compat import tree_map
+from ._compat import global_module_hooks, tree_map
 from ._decompositions import corrected_ops
-from ._errors import argument_error
+from ._errors import TorchcurvError, argument_error
 from ._types import ParamSelection
 
 __all__ = ["functional", "functional_of", "select_names"]
@@ -204,8 +205,12 @@ def functional_of(
                     f"Pass a tensor shaped like module.get_parameter({n!r}).",
                 )
             selected[n] = value if attached else value.detach().clone()
+    # Copies, once per call: a forward that writes a parameter in place outside a
+    # transform (the planner's probe) writes these, never the caller's.
     fixed = {
-        n: p if attached else p.detach() for n, p in module.named_parameters() if n not in names
+        n: p.clone() if attached else p.detach().clone()
+        for n, p in module.named_parameters()
+        if n not in names
     }
     buffers = {n: b.detach() for n, b in module.named_buffers()}
     target = _without_backward_hooks(module)
@@ -214,14 +219,39 @@ def functional_of(
         # Buffers and inputs are copied on every call, inside any enclosing transform,
         # so a forward that edits them in place edits its own copies (never the
         # caller's tensors, and no "mutate a captured tensor" error under torch.func).
+        _refuse_global_backward_hooks(function)
         state = {**fixed, **{n: b.clone() for n, b in buffers.items()}, **params}
         args, kwargs = tree_map(_copy, (args, kwargs))
-        with corrected_ops():
-            return torch.func.functional_call(
-                target, state, args, kwargs, tie_weights=True, strict=False
-            )
+        try:
+            with corrected_ops():
+                return torch.func.functional_call(
+                    target, state, args, kwargs, tie_weights=True, strict=False
+                )
+        except RuntimeError as error:
+            if "would mutate a captured Tensor" not in str(error):
+                raise
+            op = re.search(r"\((aten::[^)]*)\)", str(error))
+            raise TorchcurvError(
+                f"{function}: the forward of {type(module).__name__} writes in place "
+                f"({op.group(1) if op else 'an in-place op'}) into a parameter or another "
+                "tensor it captures, and torchcurv never writes the caller's tensors. Do "
+                "that write outside the forward (e.g. clamp the weights after the "
+                "optimizer step), or write out of place."
+            ) from None
 
     return fn, selected
+
+
+def _refuse_global_backward_hooks(function: str) -> None:
+    hooks = [kind for kind in global_module_hooks() if kind.startswith("backward")]
+    if hooks:
+        raise TorchcurvError(
+            f"{function}: global module {' and '.join(hooks)} hooks are registered "
+            "(torch.nn.modules.module.register_module_full_backward_hook); torch.func "
+            "cannot run them inside derivatives, and torchcurv does not switch off "
+            "process-wide hooks. Remove them around the call (handle.remove()), or "
+            "register them on the module, where torchcurv skips them."
+        )
 
 
 def _copy(x: Any) -> Any:
