@@ -7,6 +7,9 @@ between releases is imported here, so that a torch upgrade has one file to read.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 from typing import Any
 
@@ -31,6 +34,7 @@ __all__ = [
     "global_module_hooks",
     "is_functorch_wrapped",
     "jvp_with_argnums",
+    "release_free_memory",
     "tree_flatten",
     "tree_map",
     "tree_unflatten",
@@ -73,3 +77,27 @@ def global_module_hooks() -> list[str]:
         "backward pre": "_global_backward_pre_hooks",
     }
     return [kind for kind, attribute in kinds.items() if getattr(module, attribute, None)]
+
+
+def _malloc_trim() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``).
+
+    glibc keeps freed blocks below its (dynamic) mmap threshold resident for reuse, so
+    the chunks of a planned call, each freeing its working set, would leave the
+    process's resident memory above its live bytes. The batch runner calls this
+    between chunks; elsewhere (macOS, musl, Windows) it does nothing.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

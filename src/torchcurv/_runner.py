@@ -36,6 +36,7 @@ from ._compat import (
     TreeSpec,
     broadcast_to_and_flatten,
     is_functorch_wrapped,
+    release_free_memory,
     tree_flatten,
     tree_unflatten,
 )
@@ -358,6 +359,8 @@ def _run(
             else:
                 with _maybe_seeded(randomness, seed, start, batch.leaves):
                     output.add(start, work.batched(*batch.narrow(start, length)))
+                if several:
+                    release_free_memory()  # the next chunk starts from live bytes
         except TorchcurvError as error:
             if randomness == "error" and "called a random operation" in str(error):
                 raise TorchcurvError(_random_error(function)) from None
