@@ -365,3 +365,31 @@ def test_an_empty_batch_is_refused_rather_than_passed() -> None:
         torchcurv.TorchcurvError, match=r"check_model: inputs must hold at least one"
     ):
         check_model(model, torch.zeros(0, 3, dtype=torch.float64))
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.block(x, src_key_padding_mask=padding)[:, 0, :3]
+
+
+@pytest.mark.parametrize("argnums", [0, (0,)])
+@pytest.mark.parametrize("wrt", ["inputs", "both"])
+def test_check_model_takes_argnums_for_a_padding_mask(wrt: str, argnums: Any) -> None:
+    torch.manual_seed(0)
+    X, padding = torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.bool)
+    padding[:, 3:] = True
+    params = "block.linear2.*" if wrt == "both" else None
+    report = check_model(
+        _Masked().eval(), (X, padding), argnums=argnums, wrt=wrt, params=params, output=1
+    )
+    assert report.max_abs_expected > 1e-3
+
+
+def test_check_model_with_create_graph_compares_values_quietly() -> None:
+    torch.manual_seed(0)
+    report = check_model(_mlp(), torch.randn(2, 3), output=1, create_graph=True)
+    assert report.max_abs_expected > 0

@@ -425,11 +425,11 @@ class _ClampsItsWeight(nn.Module):
 def test_a_forward_that_writes_a_parameter_is_refused_and_writes_nothing(wrt: str) -> None:
     model, X = _ClampsItsWeight(), torch.randn(2, 3, dtype=D)
     before = model.linear.weight.detach().clone()
+    selection: dict[str, Any] = (
+        {"wrt": "params", "params": "linear.bias"} if wrt == "params" else {}
+    )
     with pytest.raises(TorchcurvError, match=r"writes in place \(aten::clamp_\).*outside the"):
-        if wrt == "params":
-            torchcurv.per_sample_hessian(model, X, wrt=wrt, params="linear.bias")
-        else:
-            torchcurv.per_sample_hessian(model, X)
+        torchcurv.per_sample_hessian(model, X, **selection)
     assert torch.equal(model.linear.weight, before)
 
 
@@ -444,3 +444,98 @@ def test_global_backward_hooks_are_refused_with_the_fix() -> None:
     finally:
         handle.remove()
     torchcurv.per_sample_hessian(model, X)  # fine once removed
+
+
+class _Nested(nn.Module):
+    """A TransformerEncoder with its nested-tensor fast path (vmap cannot batch it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2).double()
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=padding)[:, 0, :2]
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")
+def test_the_planned_default_falls_back_to_a_loop_where_vmap_cannot_batch() -> None:
+    torch.manual_seed(0)
+    model = _Nested().eval()
+    X, padding = torch.randn(3, 5, 8, dtype=D), torch.zeros(3, 5, dtype=torch.bool)
+    padding[:, 3:] = True
+    with pytest.warns(torchcurv.TorchcurvFallbackWarning, match="nested_tensor_from_mask"):
+        decision = torchcurv.explain(
+            torchcurv.per_sample_hessian, model, (X, padding), argnums=0, output=1
+        )
+    assert decision.looped
+    assert decision.batch_chunk == 1
+    with pytest.warns(torchcurv.TorchcurvFallbackWarning, match="loop over samples"):
+        H = torchcurv.per_sample_hessian(model, (X, padding), argnums=0, output=1)
+    for i in range(3):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            expected = reference.hessian(lambda x, i=i: model(x[None], padding[i : i + 1])[0, 1])(
+                X[i]
+            )
+        torch.testing.assert_close(H[i], expected)
+
+
+def test_data_dependent_control_flow_loops_under_the_default_plan() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.linear(x).tanh()
+            return y * 2 if x.sum().item() > 0 else y
+
+    model, X = Branchy(), torch.randn(4, 3, dtype=D)
+    with pytest.warns(torchcurv.TorchcurvFallbackWarning, match=r"\.item\(\)"):
+        H = torchcurv.per_sample_hessian(model, X)
+    for i in range(4):
+        torch.testing.assert_close(H[i], reference.hessian(lambda x: model(x[None])[0])(X[i]))
+
+
+@pytest.mark.parametrize(
+    "loss", [F.cross_entropy, nn.CrossEntropyLoss(), F.nll_loss], ids=["ce", "module", "nll"]
+)
+def test_class_targets_out_of_range_are_named(loss: Any) -> None:
+    model, X = nn.Linear(4, 3).double(), torch.randn(4, 4, dtype=D)
+    with pytest.raises(TorchcurvError, match=r"targets\[2\] is 5, outside the module's 3 classes"):
+        torchcurv.per_sample_hessian(model, X, loss=loss, targets=torch.tensor([0, 1, 5, 0]))
+    # ignore_index is a class index a loss accepts
+    torchcurv.per_sample_hessian(model, X, loss=loss, targets=torch.tensor([0, -100, 2, 0]))
+
+
+def test_recurrent_dropout_in_training_is_named_up_front() -> None:
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gru(x)[0][:, -1].sum(-1, keepdim=True)
+
+    X = torch.randn(2, 5, 3, dtype=D)
+    with pytest.raises(TorchcurvError, match=r"GRU at 'gru' is in training mode.*'different'"):
+        torchcurv.per_sample_hessian(Stacked(), X)
+
+
+def test_functional_dropout_is_refused_under_the_public_name() -> None:
+    class Dropping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.dropout(self.linear(x), 0.5, training=True)
+
+    with pytest.raises(TorchcurvError, match=r"^per_sample_hessian\(Dropping\): .*'different'"):
+        torchcurv.per_sample_hessian(Dropping(), torch.randn(2, 3, dtype=D))
+
+
+def test_testing_is_an_attribute_after_a_plain_import() -> None:
+    import torchcurv as fresh
+
+    assert fresh.testing.check_model is not None

@@ -1,5 +1,8 @@
 """torchcurv: per-sample Jacobians and Hessians for PyTorch, built on torch.func."""
 
+import importlib
+from typing import Any
+
 from . import reference as reference
 from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import TorchcurvError as TorchcurvError
@@ -48,3 +51,10 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "TorchcurvFallbackWarning",
     "UnsupportedModuleError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``torchcurv.testing`` after a plain ``import torchcurv`` (loaded on first use)."""
+    if name == "testing":
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module 'torchcurv' has no attribute {name!r}")

@@ -385,17 +385,23 @@ def check_layers(function: str, module: nn.Module, randomness: str) -> None:
                 "couples the samples. Build it with track_running_stats=True and train it, or "
                 "use a per-sample normalisation (LayerNorm, GroupNorm)."
             )
-        if (
-            isinstance(layer, DropoutBase)
-            and layer.training
-            and layer.p > 0
-            and randomness == "error"
-        ):
+        if randomness == "error" and layer.training and _drops_out(layer):
             raise UnsupportedModuleError(
                 f"{function}: {where} is in training mode and randomness='error'. Call "
                 "model.eval() to switch dropout off, or pass randomness='different' (each "
                 "sample its own mask, shared by all rows of its derivative) or 'same'."
             )
+
+
+def _drops_out(layer: nn.Module) -> bool:
+    """Whether `layer` (in training mode) draws a dropout mask of its own in forward."""
+    if isinstance(layer, DropoutBase):
+        return bool(layer.p > 0)
+    if isinstance(layer, nn.RNNBase):  # dropout between stacked layers
+        return bool(layer.dropout > 0 and layer.num_layers > 1)
+    if isinstance(layer, nn.MultiheadAttention):  # dropout on the attention weights
+        return bool(layer.dropout > 0)
+    return False
 
 
 def check_module_chunk(

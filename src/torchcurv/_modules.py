@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._checks import (
@@ -34,11 +36,18 @@ from ._checks import (
     check_randomness,
 )
 from ._compat import tree_flatten
-from ._errors import TorchcurvError, argument_error, describe
+from ._errors import TorchcurvError, TorchcurvFallbackWarning, argument_error, describe
 from ._functional import functional as functional
 from ._memory import DEFAULT_WORKING_SET, SAFETY_MARGIN, Plan, fit, parse_budget, plan
 from ._objective import Objective, itemsize, label, numel, per_sample_objective
-from ._runner import Batch, cuda_devices, measure_work, run_batches
+from ._runner import (
+    Batch,
+    cuda_devices,
+    measure_work,
+    random_error,
+    run_batches,
+    unbatchable,
+)
 from ._transforms import hessian
 from ._types import (
     BATCH_RANDOMNESS,
@@ -84,6 +93,8 @@ class Decision:
             the chunk sizes were given explicitly and nothing was measured).
         budget: The memory budget in bytes (None when chunk sizes were given).
         why_plan: Why those chunk sizes.
+        looped: True when vmap cannot batch an operator of the module, so the samples
+            run one at a time (a `TorchcurvFallbackWarning` says which operator).
     """
 
     function: str
@@ -95,6 +106,7 @@ class Decision:
     predicted_peak: int | None
     budget: int | None
     why_plan: str
+    looped: bool = False
 
     def __str__(self) -> str:
         from ._memory import format_bytes
@@ -105,6 +117,7 @@ class Decision:
             f"{self.function}: engine {self.engine!r} ({self.why_engine}); batch chunk "
             f"{self.batch_chunk}, basis chunks {self.basis_chunks} of {self.basis_sizes}; "
             f"predicted peak {peak} of a {budget} budget ({self.why_plan})"
+            + ("; samples looped (vmap cannot batch an operator)" if self.looped else "")
         )
 
 
@@ -156,8 +169,48 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
             f"on inputs {shapes}{given} (each sample is fed as a batch of one) raised "
             f"{type(error).__name__}: {error}. Check that the inputs (and targets) have the "
             "shapes and dtypes the module (and loss) expect, with the batch dim first."
+            + (
+                " The inputs are 1-D, so each sample is a scalar; for one vector per sample "
+                "pass shape (B, n), e.g. X[None] for a single sample."
+                if any(x.dim() == 1 for x in obj.xs)
+                else ""
+            )
         ) from error
+    _check_class_targets(obj, diff, xs)
     return tuple(out.shape)
+
+
+def _class_count_loss(loss: Any) -> int | None:
+    """The ignore_index of a class-index loss (cross-entropy, NLL), None for others."""
+    if loss in (F.cross_entropy, F.nll_loss):
+        return -100
+    if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return int(loss.ignore_index)
+    return None
+
+
+def _check_class_targets(obj: Objective, diff: Any, xs: Any) -> None:
+    """Class indices of a cross-entropy or NLL loss within the module's classes, checked
+    up front (torch reports a bad one deep inside the derivative, without the sample)."""
+    ignore = _class_count_loss(obj.loss)
+    targets = obj.targets
+    if ignore is None or targets is None or targets.is_floating_point() or not targets.numel():
+        return
+    params, inputs = obj._split(diff, xs)
+    with torch.random.fork_rng(devices=cuda_devices(list(obj.xs))), torch.no_grad():
+        out = obj.fn(params, *(x.unsqueeze(0) for x in inputs), **obj.kwargs)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return  # the loss itself will say what is wrong
+    classes = out.shape[1]
+    bad = ((targets < 0) | (targets >= classes)) & (targets != ignore)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise TorchcurvError(
+            f"{obj.function}: targets{list(index)} is {int(targets[index])}, outside the "
+            f"module's {classes} classes (0 to {classes - 1}) for "
+            f"{getattr(obj.loss, '__name__', type(obj.loss).__name__)}. Pass class indices "
+            f"in range (ignore_index={ignore} marks a sample to skip)."
+        )
 
 
 def _refuse_batched_kwargs(obj: Objective, error: Exception) -> None:
@@ -217,7 +270,23 @@ def _prepare(
         )
         return _Call(request, engine, decision, size)
     budget = parse_budget(function, memory_budget, obj.xs[0].device)
-    chosen = _plan(request, engine, axes, size, budget)
+    looped = False
+    try:
+        chosen = _plan(request, engine, axes, size, budget)
+    except Exception as error:
+        if "called a random operation" in str(error) and request.randomness == "error":
+            raise TorchcurvError(random_error(label(function, obj.module))) from None
+        reason = unbatchable(error)
+        if reason is None:
+            raise
+        warnings.warn(
+            f"{label(function, obj.module)}: vmap cannot batch an operator ({reason}); "
+            "falling back to a loop over samples.",
+            TorchcurvFallbackWarning,
+            stacklevel=4,
+        )
+        looped = True
+        chosen = _plan(request, engine, axes, size, budget, looped=True)
     decision = Decision(
         function,
         engine.name,
@@ -228,6 +297,7 @@ def _prepare(
         chosen.predicted_peak,
         budget,
         chosen.reason,
+        looped,
     )
     logger.debug("%s", decision)
     return _Call(request, engine, decision, size)
@@ -245,6 +315,7 @@ def _run(call: _Call) -> Any:
         out_dims=0,
         randomness=request.randomness,
         chunk=decision.batch_chunk,
+        looped=decision.looped,
     )
 
 
@@ -256,7 +327,15 @@ def _run(call: _Call) -> Any:
 _MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
-def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, budget: int) -> Plan:
+def _plan(
+    request: Request,
+    engine: Engine,
+    axes: tuple[int, ...],
+    size: int,
+    budget: int,
+    *,
+    looped: bool = False,
+) -> Plan:
     """Chunk sizes within `budget`, from measurements of the engine's real derivative.
 
     First a quick check that costs three small measurements: if one sample with
@@ -264,19 +343,21 @@ def _plan(request: Request, engine: Engine, axes: tuple[int, ...], size: int, bu
     budget, the unchunked call on one and on two samples is measured; when the whole
     batch is predicted to fit the budget and the working-set cap, it runs unchunked.
     Otherwise `torchcurv._memory.fit` measures its ladder and `plan` chooses.
+    ``looped=True`` plans the loop over samples (one sample at a time, measured as such)
+    for modules that vmap cannot batch.
     """
     obj = request.objective
     result_bytes = _result_bytes(request)
     # Measurements depend on the structure, shapes and options, not on the budget: the
     # default budget (a fraction of the memory available now) changes from call to call.
-    key = (engine.name, request.order, request.randomness, axes, obj.signature())
+    key = (engine.name, request.order, request.randomness, axes, obj.signature(), looped)
     cache = _MODELS.setdefault(obj.module, {})
     batch = Batch(request.function, obj.args(), obj.in_dims())
-    one_at_a_time = request.randomness == "different"
+    one_at_a_time = request.randomness == "different" or looped
 
     def measure(length: int, chunks: tuple[int, ...]) -> int:
         work = engine.work(request, chunks)
-        return measure_work(work, batch, length, chunks)[0]
+        return measure_work(work, batch, length, chunks, single=looped)[0]
 
     whole_key = (key, "whole", size)
     if whole_key not in cache and not one_at_a_time:

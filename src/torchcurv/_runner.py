@@ -57,9 +57,11 @@ __all__ = [
     "measure_work",
     "per_sample",
     "plan_batch",
+    "random_error",
     "result_bytes",
     "run_batches",
     "seeded",
+    "unbatchable",
     "vmapped",
 ]
 
@@ -313,16 +315,18 @@ def run_batches(
     out_dims: Any,
     randomness: str,
     chunk: int | None,
+    looped: bool = False,
 ) -> Any:
     """Run `work` over the batch of `args`, `chunk` samples at a time.
 
     Falls back to smaller chunks when memory runs out, and to a loop over samples when
-    an operator cannot be batched (with a `TorchcurvFallbackWarning` naming it). Random
-    operations follow the rule in the module docstring.
+    an operator cannot be batched (with a `TorchcurvFallbackWarning` naming it; with
+    ``looped=True`` the planner found that out already and the loop starts at once).
+    Random operations follow the rule in the module docstring.
     """
     batch = Batch(function, args, in_dims)
     with DERIVATIVE_LOCK:
-        return _run(function, work, batch, out_dims, randomness, chunk)
+        return _run(function, work, batch, out_dims, randomness, chunk, looped)
 
 
 def _run(
@@ -332,6 +336,7 @@ def _run(
     out_dims: Any,
     randomness: str,
     chunk: int | None,
+    looped: bool = False,
 ) -> Any:
     size = batch.size
     step = max(1, size if chunk is None else min(chunk, size))
@@ -345,7 +350,7 @@ def _run(
         return _empty_result(work, batch, output)
     seed = int(torch.randint(0, 2**62, ())) if randomness != "error" else 0
     start = 0
-    looping = False
+    looping = looped and work.single is not None
     while start < size:
         length = min(step, size - start)
         try:
@@ -363,12 +368,12 @@ def _run(
                     release_free_memory()  # the next chunk starts from live bytes
         except TorchcurvError as error:
             if randomness == "error" and "called a random operation" in str(error):
-                raise TorchcurvError(_random_error(function)) from None
+                raise TorchcurvError(random_error(function)) from None
             raise
         except Exception as error:
             text = str(error).lower()
             if "randomness error mode" in text:
-                raise TorchcurvError(_random_error(function)) from None
+                raise TorchcurvError(random_error(function)) from None
             if any(s in text for s in _OUT_OF_MEMORY) or isinstance(error, OutOfMemoryError):
                 if length == 1:
                     raise MemoryBudgetError(
@@ -384,10 +389,10 @@ def _run(
                     stacklevel=4,
                 )
                 continue
-            if not looping and work.single is not None and any(s in text for s in _UNBATCHABLE):
-                first_line = str(error).strip().splitlines()[0]
+            reason = unbatchable(error)
+            if not looping and work.single is not None and reason is not None:
                 warnings.warn(
-                    f"{function}: vmap cannot batch an operator ({first_line}); "
+                    f"{function}: vmap cannot batch an operator ({reason}); "
                     "falling back to a loop over samples.",
                     TorchcurvFallbackWarning,
                     stacklevel=4,
@@ -404,7 +409,15 @@ def _run(
     return output.result()
 
 
-def _random_error(function: str) -> str:
+def unbatchable(error: BaseException) -> str | None:
+    """The first line of `error` when it means "vmap cannot batch an operator", else None."""
+    text = str(error)
+    if isinstance(error, TorchcurvError) or not any(s in text.lower() for s in _UNBATCHABLE):
+        return None
+    return text.strip().splitlines()[0]
+
+
+def random_error(function: str) -> str:
     return (
         f"{function}: the function called a random operation (e.g. dropout in training "
         "mode) while randomness='error'. Pass randomness='different' (each sample its own "
@@ -534,18 +547,29 @@ def _check_out_dims(function: str, out_dims: Any) -> None:
 
 
 def measure_work(
-    work: Work, batch: Batch, length: int, chunks: tuple[int, ...] | None = None
+    work: Work,
+    batch: Batch,
+    length: int,
+    chunks: tuple[int, ...] | None = None,
+    *,
+    single: bool = False,
 ) -> tuple[int, Any]:
     """Peak live bytes of `work` on the first `length` samples, and its result.
 
     RNG-neutral (the generators are restored). Under `torchcurv._transforms.probing`
-    (when `chunks` is given) only two basis chunks per stage are computed.
+    (when `chunks` is given) only two basis chunks per stage are computed. ``single``
+    measures `work.single` on the first sample (the loop over samples), whatever
+    `length` is.
     """
+    run, args = work.batched, batch.first(length)
+    if single:
+        assert work.single is not None
+        run, args = work.single, batch.select(0)
     with DERIVATIVE_LOCK, torch.random.fork_rng(devices=cuda_devices(batch.leaves)):
         if chunks is None:
-            return measure_peak(work.batched, *batch.first(length))
+            return measure_peak(run, *args)
         with probing():
-            return measure_peak(work.batched, *batch.first(length))
+            return measure_peak(run, *args)
 
 
 def result_bytes(result: Any, length: int) -> int:

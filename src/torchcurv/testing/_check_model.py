@@ -90,6 +90,7 @@ def _objective(
     model: nn.Module,
     wrt: str,
     single: bool,
+    differentiated: tuple[int, ...],
     xs: tuple[torch.Tensor, ...],
     names: list[str],
     forward_kwargs: Mapping[str, Any],
@@ -102,15 +103,16 @@ def _objective(
     state = {n: t.detach() for n, t in state.items()}
 
     def objective(diff: Any) -> torch.Tensor:
-        inputs: tuple[torch.Tensor, ...] = xs
+        inputs = list(xs)
         values: Mapping[str, torch.Tensor] = {}
-        if wrt == "inputs":
-            inputs = (diff,) if single else tuple(diff)
-        elif wrt == "params":
+        if wrt == "params":
             values = diff
         else:
-            inputs = (diff["inputs"],) if single else tuple(diff["inputs"])
-            values = diff["params"]
+            given = diff if wrt == "inputs" else diff["inputs"]
+            for index, x in zip(differentiated, (given,) if single else given, strict=True):
+                inputs[index] = x
+            if wrt == "both":
+                values = diff["params"]
         batch_of_one = tuple(x.unsqueeze(0) for x in inputs)
         if names:
             out = torch.func.functional_call(
@@ -141,12 +143,12 @@ def check_model(
     parameters through `torch.func.functional_call`) differentiated by
     `torchcurv.reference.hessian`, one autograd double backward per row, without vmap
     or forward mode (attention on its math kernel: ``sdpa_kernel`` is selected while
-    the oracle runs, a process-wide setting restored afterwards). Both run in float64 on a deep copy of the model (float parameters,
-    buffers, inputs, targets and forward keyword arguments converted); the model passed
-    in is never modified. Blocks are compared with the tolerance policy of
-    `assert_trees_close`. For a single sample ``x`` and a scalar objective the compared
-    Hessians are ``[*x.shape, *x.shape]`` per sample, ``[samples, *x.shape, *x.shape]``
-    as `per_sample_hessian` returns them.
+    the oracle runs, a process-wide setting restored afterwards). Both run in float64
+    on a deep copy of the model (float parameters, buffers, inputs, targets and forward
+    keyword arguments converted); the model passed in is never modified. Blocks are
+    compared with the tolerance policy of `assert_trees_close`. For a single sample
+    ``x`` and a scalar objective the compared Hessians are ``[*x.shape, *x.shape]`` per
+    sample, ``[samples, *x.shape, *x.shape]`` as `per_sample_hessian` returns them.
 
     Args:
         model: The model; a float64 deep copy is checked.
@@ -156,7 +158,9 @@ def check_model(
         **per_sample_hessian_kwargs: Passed to `torchcurv.per_sample_hessian`: ``wrt``
             (``"inputs"``, ``"params"``, ``"both"``), ``output``, ``loss`` with
             ``targets`` (cut to the checked samples), ``params``, ``kwargs``,
-            ``mode``, ``chunk_size``, ``memory_budget``.
+            ``argnums`` (the other inputs, a class index or a padding mask, are passed
+            along per sample), ``mode``, ``chunk_size``, ``memory_budget``,
+            ``create_graph``.
 
     Returns:
         A `ModelCheckReport`: what was compared and the largest difference.
@@ -233,6 +237,14 @@ def check_model(
     if isinstance(params, Mapping):
         params = kwargs["params"] = _to_float64(dict(params))
 
+    argnums = kwargs.get("argnums")
+    differentiated = tuple(range(len(xs)))
+    if isinstance(argnums, int):
+        differentiated = (argnums % len(xs),)
+    elif isinstance(argnums, tuple):
+        differentiated = tuple(int(a) % len(xs) for a in argnums)
+    single_diff = isinstance(argnums, int) or (argnums is None and single)
+
     # Looked up at call time, so that a test can replace it.
     actual = torchcurv.per_sample_hessian(model64, xs64[0] if single else xs64, **kwargs)
 
@@ -248,14 +260,19 @@ def check_model(
     largest = 0.0
     for i in range(count):
         sample_xs = tuple(x[i] for x in xs64)
-        x_diff: Any = sample_xs[0] if single else sample_xs
+        x_diff: Any = (
+            sample_xs[differentiated[0]]
+            if single_diff
+            else tuple(sample_xs[j] for j in differentiated)
+        )
         diff: Any = {"inputs": x_diff, "params": values} if wrt == "both" else x_diff
         if wrt == "params":
             diff = values
         objective = _objective(
             model64,
             wrt,
-            single,
+            single_diff,
+            differentiated,
             sample_xs,
             names,
             forward_kwargs,
@@ -267,7 +284,7 @@ def check_model(
         # kernel is the same function, written in differentiable ops.
         with sdpa_kernel(SDPBackend.MATH):
             expected = reference.hessian(objective)(diff)
-        found = tree_map(lambda t, i=i: t[i], actual)
+        found = tree_map(lambda t, i=i: t[i].detach(), actual)  # create_graph: no graph
         _check_structure(found, expected, i)
         blocks = []
         for (path, a), (_, e) in zip(_leaves(found), _leaves(expected), strict=True):
