@@ -121,6 +121,27 @@ def seeded(seed: int, key: int, leaves: Sequence[Any]) -> Iterator[None]:
         yield
 
 
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it when it is a view into a larger storage.
+
+    Torch's forward mode gives each tangent the layout of its primal *including the
+    primal's whole storage* (``_new_zeros_with_same_feature_meta``): vmapped over a
+    basis of ``k`` tangents, a slice of a batch would make every chunk allocate ``k``
+    copies of the whole batch (measured: 206 instead of 80 MiB on a chunk of an MLP
+    256-64-1). A copy of the slice costs the slice's bytes once. Tensors of an
+    enclosing transform are left alone (their storage cannot be read).
+    """
+    if is_functorch_wrapped(tensor):
+        return tensor
+    try:
+        storage = tensor.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+        return tensor
+    if storage <= tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
+
+
 class Batch:
     """The batched arguments of one call: flat leaves, their batch dims and the size."""
 
@@ -171,7 +192,7 @@ class Batch:
 
     def narrow(self, start: int, length: int) -> tuple[Any, ...]:
         leaves = [
-            leaf if dim is None else leaf.narrow(dim, start, length)
+            leaf if dim is None else compact(leaf.narrow(dim, start, length))
             for leaf, dim in zip(self.leaves, self.dims, strict=True)
         ]
         return tuple(tree_unflatten(leaves, self.spec))
@@ -195,7 +216,7 @@ class Batch:
 
     def select(self, index: int) -> tuple[Any, ...]:
         leaves = [
-            leaf if dim is None else leaf.select(dim, index)
+            leaf if dim is None else compact(leaf.select(dim, index))
             for leaf, dim in zip(self.leaves, self.dims, strict=True)
         ]
         return tuple(tree_unflatten(leaves, self.spec))
