@@ -29,6 +29,7 @@ from torchcurv._memory import (
     available_memory,
     fit,
     format_bytes,
+    heap_slack,
     measure_peak,
     measure_peak_on,
     parse_budget,
@@ -634,3 +635,21 @@ def test_with_limited_allocator_slack_resident_growth_follows_the_live_peak() ->
         live, rss = row["live"], row["rss"]
         assert live <= rss + 16 * MiB, (name, row)
         assert rss <= 1.10 * live + 16 * MiB, (name, row)
+
+
+def test_on_the_cpu_the_plan_reserves_the_working_set_again_for_heap_slack() -> None:
+    def measure(b: int, chunks: tuple[int, ...]) -> int:
+        return b * (4096 + 1024 * chunks[0])  # a result of 1024 B per sample, no more
+
+    model = fit(measure, (256,), result_bytes=1024)
+    options = dict(batch=100, axes=(256,), model=model, result_bytes=1024, budget=4 * MiB)
+    live = plan("f", **options)  # type: ignore[arg-type]
+    reserved = plan("f", **options, slack=2.0)  # type: ignore[arg-type]
+    working = model.working_set_of(reserved.batch, reserved.axes)
+    assert reserved.predicted_peak == model.predict(reserved.batch, reserved.axes) + working + (
+        100 * 1024 if reserved.batch < 100 else 0
+    )
+    assert reserved.predicted_peak <= 4 * MiB
+    assert reserved.batch * math.prod(reserved.axes) < live.batch * math.prod(live.axes)
+    assert heap_slack(CPU) == 2.0
+    assert heap_slack(torch.device("cuda", 0)) == 1.0

@@ -65,14 +65,16 @@ def _measure_in_a_fresh_process(*args: object) -> dict[str, float]:
 )
 @pytest.mark.parametrize("mode", ["fwd-over-rev", "structured"])
 def test_a_budget_of_half_the_unchunked_peak_holds_in_a_fresh_process(mode: str) -> None:
-    # What the planner promises: the live tensor bytes of the call (allocations minus
-    # frees, result included) stay within the budget. The resident memory is reported
-    # too; with glibc's default allocator it can exceed the live bytes by the heap's
-    # slack (benchmarks/memory.py measures it), so it is not asserted here.
+    # The promise (docs/tutorials/memory.rst), with glibc's default allocator: the
+    # resident memory the call adds is at most 1.10 x the budget + 16 MiB, and the live
+    # tensor bytes (allocations minus frees, result included) stay within the budget.
+    # Without the planner's heap reservation (CPU_HEAP_SLACK) the fwd-over-rev call
+    # added 70-90 MiB for a 44 MiB live peak here.
     whole = _measure_in_a_fresh_process(256, 256, mode)
     budget = int(whole["live_peak"] // 2)
     budgeted = _measure_in_a_fresh_process(256, 256, mode, budget)
     assert budgeted["live_peak"] <= budget, (whole, budgeted)
+    assert budgeted["peak"] <= 1.10 * budget + 16 * 2**20, (whole, budgeted)
     assert budgeted["live_peak"] < whole["live_peak"], (whole, budgeted)
     assert abs(budgeted["checksum"] - whole["checksum"]) <= 1e-3 * abs(whole["checksum"]) + 1e-3
 

@@ -38,7 +38,15 @@ from ._checks import (
 from ._compat import tree_flatten
 from ._errors import TorchcurvError, TorchcurvFallbackWarning, argument_error, describe
 from ._functional import functional as functional
-from ._memory import DEFAULT_WORKING_SET, SAFETY_MARGIN, Plan, fit, parse_budget, plan
+from ._memory import (
+    DEFAULT_WORKING_SET,
+    SAFETY_MARGIN,
+    Plan,
+    fit,
+    heap_slack,
+    parse_budget,
+    plan,
+)
 from ._objective import Objective, itemsize, label, numel, per_sample_objective
 from ._runner import (
     Batch,
@@ -89,8 +97,10 @@ class Decision:
         batch_chunk: Samples per vectorised call (None: all at once).
         basis_chunks: Basis vectors per call on each of the engine's axes.
         basis_sizes: The sizes of those axes.
-        predicted_peak: Bytes the planner predicts above the memory in use (None when
-            the chunk sizes were given explicitly and nothing was measured).
+        predicted_peak: Bytes the planner predicts the call adds to the memory in use:
+            its measured live peak plus, on the CPU, its working set again for the C
+            heap's fragmentation (None when the chunk sizes were given explicitly and
+            nothing was measured).
         budget: The memory budget in bytes (None when chunk sizes were given).
         why_plan: Why those chunk sizes.
         looped: True when vmap cannot batch an operator of the module, so the samples
@@ -359,9 +369,10 @@ def _plan(
         work = engine.work(request, chunks)
         return measure_work(work, batch, length, chunks, single=looped)[0]
 
+    slack = heap_slack(obj.xs[0].device)
     whole_key = (key, "whole", size)
     if whole_key not in cache and not one_at_a_time:
-        cache[whole_key] = _whole(measure, axes, size, result_bytes, budget)
+        cache[whole_key] = _whole(measure, axes, size, result_bytes, budget, slack)
     whole = cache.get(whole_key)
     if whole is not None and whole.predicted_peak <= budget:
         return dataclasses.replace(whole, budget=budget)  # type: ignore[no-any-return]
@@ -381,6 +392,7 @@ def _plan(
         result_bytes=result_bytes,
         budget=budget,
         batch_limit=1 if one_at_a_time else None,
+        slack=slack,
     )
 
 
@@ -390,6 +402,7 @@ def _whole(
     size: int,
     result_bytes: int,
     budget: int,
+    slack: float,
 ) -> Plan | None:
     """The unchunked plan when it is measured to fit (see `_plan`), else None."""
     ones = tuple(1 for _ in axes)
@@ -398,8 +411,9 @@ def _whole(
         return None  # measuring the unchunked call could itself break the budget
     one = measure(1, axes)
     per_sample = max(measure(2, axes) - one, 0) if size > 1 else one
-    predicted = int((one + (size - 1) * per_sample) * (1 + SAFETY_MARGIN))
-    working_set = predicted - 2 * size * result_bytes
+    live = int((one + (size - 1) * per_sample) * (1 + SAFETY_MARGIN))
+    working_set = live - 2 * size * result_bytes
+    predicted = live + math.ceil((slack - 1) * max(working_set, 0))
     if predicted > budget or working_set > DEFAULT_WORKING_SET:
         return None
     return Plan(size, axes, predicted, budget, "fits whole", max(working_set, 0), 1)

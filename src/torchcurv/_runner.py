@@ -46,7 +46,7 @@ from ._errors import (
     TorchcurvFallbackWarning,
     argument_error,
 )
-from ._memory import Plan, fit, measure_peak, parse_budget, plan
+from ._memory import Plan, fit, heap_slack, measure_peak, parse_budget, plan
 from ._transforms import probing
 from ._types import BATCH_RANDOMNESS, BatchChunk
 
@@ -624,4 +624,5 @@ def plan_batch(
         result_bytes=max(per_sample_result),
         budget=budget,
         batch_limit=limit,
+        slack=heap_slack(device),
     )
