@@ -29,6 +29,7 @@ from torchcurv._memory import (
     available_memory,
     fit,
     format_bytes,
+    heap_reserve,
     heap_slack,
     measure_peak,
     measure_peak_on,
@@ -642,14 +643,18 @@ def test_on_the_cpu_the_plan_reserves_the_working_set_again_for_heap_slack() -> 
         return b * (4096 + 1024 * chunks[0])  # a result of 1024 B per sample, no more
 
     model = fit(measure, (256,), result_bytes=1024)
-    options = dict(batch=100, axes=(256,), model=model, result_bytes=1024, budget=4 * MiB)
-    live = plan("f", **options)  # type: ignore[arg-type]
-    reserved = plan("f", **options, slack=2.0)  # type: ignore[arg-type]
+    budget = 64 * MiB  # the promise allows 0.1 x 64 + 16 MiB above it; half is reserve
+    options = dict(batch=400, axes=(256,), model=model, result_bytes=1024, budget=budget)
+    live = plan("f", **options, preferred_working_set=2**40)  # type: ignore[arg-type]
+    reserved = plan("f", **options, preferred_working_set=2**40, slack=2.0)  # type: ignore[arg-type]
     working = model.working_set_of(reserved.batch, reserved.axes)
-    assert reserved.predicted_peak == model.predict(reserved.batch, reserved.axes) + working + (
-        100 * 1024 if reserved.batch < 100 else 0
-    )
-    assert reserved.predicted_peak <= 4 * MiB
+    allowed = (int(0.1 * budget) + 16 * MiB) // 2
+    assert working > allowed  # the reserve is taken
+    assert reserved.predicted_peak == model.predict(reserved.batch, reserved.axes) + (
+        working - allowed
+    ) + (400 * 1024 if reserved.batch < 400 else 0)
+    assert reserved.predicted_peak <= budget
     assert reserved.batch * math.prod(reserved.axes) < live.batch * math.prod(live.axes)
+    assert heap_reserve(10 * MiB, budget, 2.0) == 0  # within the allowance: none
     assert heap_slack(CPU) == 2.0
     assert heap_slack(torch.device("cuda", 0)) == 1.0

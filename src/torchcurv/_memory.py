@@ -64,6 +64,7 @@ __all__ = [
     "available_memory",
     "fit",
     "format_bytes",
+    "heap_reserve",
     "heap_slack",
     "limit_allocator_slack",
     "measure_peak",
@@ -105,6 +106,11 @@ SAFETY_MARGIN = 0.10
 #: the reservation 32-35 MiB, and no slower). On CUDA the caching allocator's
 #: statistics are what is promised, so nothing is reserved.
 CPU_HEAP_SLACK = 2.0
+
+#: The promise allows the resident memory a call adds to exceed the budget by this
+#: fraction of it plus `PROMISE_ALLOWANCE`; the heap reserve is needed only beyond that.
+PROMISE_FRACTION = 0.10
+PROMISE_ALLOWANCE = 16 * 2**20
 
 #: The chunk sizes `fit` measures grow by this factor per rung.
 LADDER_RATIO = 4
@@ -284,6 +290,14 @@ def format_bytes(size: float) -> str:
 ALLOCATOR_MMAP_THRESHOLD = 2**20
 
 _M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+
+
+def heap_reserve(working_set: int, budget: int, slack: float) -> int:
+    """Bytes to reserve beyond a call's live peak for the heap's slack: the working set
+    again (``slack - 1`` times), less half of what the promise allows above the budget
+    (the slack measured up to 1.15x the working set; the other half is the margin)."""
+    allowed = (int(PROMISE_FRACTION * budget) + PROMISE_ALLOWANCE) // 2
+    return max(0, math.ceil((slack - 1) * working_set) - allowed)
 
 
 def heap_slack(device: torch.device) -> float:
@@ -977,8 +991,8 @@ def plan(
             `DEFAULT_WORKING_SET`.
         batch_limit: The most samples per call (1 for per-sample randomness).
         preallocated: Whether the runner writes chunk results into one buffer.
-        slack: The working set of a call counts this many times in its peak (the C
-            heap's fragmentation; `heap_slack`).
+        slack: The working set of a call counts up to this many times in its peak
+            (the C heap's fragmentation; `heap_slack`, `heap_reserve`).
 
     Returns:
         The plan.
@@ -1009,7 +1023,7 @@ def plan(
     buffer = batch * result_bytes * (1 if preallocated else 2)
 
     def peak(b: int, chunks: Chunks) -> int:
-        reserve = math.ceil((slack - 1) * model.working_set_of(b, chunks))
+        reserve = heap_reserve(model.working_set_of(b, chunks), budget, slack)
         return model.predict(b, chunks) + reserve + (buffer if b < batch else 0)
 
     def largest(fits: Callable[[int], bool]) -> int:

@@ -43,6 +43,7 @@ from ._memory import (
     SAFETY_MARGIN,
     Plan,
     fit,
+    heap_reserve,
     heap_slack,
     parse_budget,
     plan,
@@ -413,7 +414,7 @@ def _whole(
     per_sample = max(measure(2, axes) - one, 0) if size > 1 else one
     live = int((one + (size - 1) * per_sample) * (1 + SAFETY_MARGIN))
     working_set = live - 2 * size * result_bytes
-    predicted = live + math.ceil((slack - 1) * max(working_set, 0))
+    predicted = live + heap_reserve(max(working_set, 0), budget, slack)
     if predicted > budget or working_set > DEFAULT_WORKING_SET:
         return None
     return Plan(size, axes, predicted, budget, "fits whole", max(working_set, 0), 1)
