@@ -287,9 +287,10 @@ class _Output:
                 )
 
     def add_loop(self, start: int, results: list[Any]) -> None:
-        for r in results:
-            self._check_tensors(tree_flatten(r)[0])
-        groups = list(zip(*(tree_flatten(r)[0] for r in results), strict=True))
+        flat = [tree_flatten(r)[0] for r in results]
+        for leaves in flat:
+            self._check_tensors(leaves)
+        groups = list(zip(*flat, strict=True))
         spec = tree_flatten(results[0])[1]
         stacked = [torch.stack(group, dim=0) for group in groups]
         self._layout(tree_unflatten(stacked, spec))

@@ -660,7 +660,9 @@ def _check_primals(name: str, primals: Any, tangents: Any) -> None:
             tangents,
             "Pass one tangent per primal, e.g. (v,).",
         )
-    primal_leaves, tangent_leaves = tree_flatten(primals)[0], tree_flatten(tangents)[0]
+    (primal_leaves, primal_spec), (tangent_leaves, tangent_spec) = map(
+        tree_flatten, (primals, tangents)
+    )
     if not any(isinstance(p, torch.Tensor) for p in primal_leaves):
         argument_error(
             name,
@@ -669,24 +671,23 @@ def _check_primals(name: str, primals: Any, tangents: Any) -> None:
             primals,
             "Pass the point as a tuple of tensors, e.g. (x,).",
         )
-    for p in primal_leaves:
-        if not isinstance(p, torch.Tensor):
-            argument_error(
-                name,
-                "primals",
-                "must contain only tensors (every argument is differentiated)",
-                p,
-                "Capture other values in func (functools.partial or a closure).",
-            )
-    for t in tangent_leaves:
-        if not isinstance(t, torch.Tensor):
-            argument_error(
-                name,
-                "tangents",
-                "must contain only tensors",
-                t,
-                "Give one tensor per primal tensor, e.g. (torch.ones_like(x),).",
-            )
+    for argument, leaves, problem, fix in (
+        (
+            "primals",
+            primal_leaves,
+            "must contain only tensors (every argument is differentiated)",
+            "Capture other values in func (functools.partial or a closure).",
+        ),
+        (
+            "tangents",
+            tangent_leaves,
+            "must contain only tensors",
+            "Give one tensor per primal tensor, e.g. (torch.ones_like(x),).",
+        ),
+    ):
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                argument_error(name, argument, problem, leaf, fix)
     for p, t in zip(primal_leaves, tangent_leaves, strict=False):
         if p.shape != t.shape:
             argument_error(
@@ -696,8 +697,8 @@ def _check_primals(name: str, primals: Any, tangents: Any) -> None:
                 t,
                 "Give each tangent the shape of its primal.",
             )
-    check_differentiable(name, tree_flatten(primals)[0], tuple(range(len(primals))))
-    if tree_flatten(primals)[1] != tree_flatten(tangents)[1]:
+    check_differentiable(name, primal_leaves, tuple(range(len(primals))))
+    if primal_spec != tangent_spec:
         argument_error(
             name,
             "tangents",
