@@ -339,11 +339,6 @@ def bad_calls() -> list[tuple[str, Any, str]]:
             r"per_sample_hessian: BatchNorm1d at '1' is in training mode.*model\.eval\(\)",
         ),
         (
-            "batchnorm-train-batch",
-            lambda: torchcurv.batch_hessian(bn, X, y, loss=F.cross_entropy),
-            r"batch_hessian: BatchNorm1d at '1' is in training mode",
-        ),
-        (
             "dropout-train",
             lambda: torchcurv.per_sample_jacobian(dropout, X),
             r"per_sample_jacobian: Dropout at '1' is in training mode and randomness='error'.*"

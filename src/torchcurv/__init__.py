@@ -16,6 +16,7 @@ from ._modules import explain as explain
 from ._modules import functional as functional
 from ._modules import per_sample_hessian as per_sample_hessian
 from ._modules import per_sample_jacobian as per_sample_jacobian
+from ._runner import initialize as initialize
 from ._runner import per_sample as per_sample
 from ._transforms import hessian as hessian
 from ._transforms import hvp as hvp
@@ -37,9 +38,10 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "functional",
     "per_sample_hessian",
     "per_sample_jacobian",
-    # decisions
+    # decisions and memory
     "Decision",
     "explain",
+    "initialize",
     # layout
     "from_matrix",
     "to_matrix",

@@ -369,16 +369,22 @@ def check_objective(function: str, output: Any, loss: Any, targets: Any) -> None
         )
 
 
-def check_layers(function: str, module: nn.Module, randomness: str) -> None:
+def check_layers(
+    function: str, module: nn.Module, randomness: str, *, per_sample: bool = True
+) -> None:
+    """Refuse layers a call cannot take: batch statistics per sample (they couple the
+    samples; a batch Hessian, ``per_sample=False``, takes them as the model's), and
+    dropout in training mode under ``randomness="error"``."""
     for path, layer in module.named_modules():
         where = f"{type(layer).__name__} at {path!r}" if path else type(layer).__name__
-        if isinstance(layer, BatchNormBase) and layer.training:
+        coupling = per_sample and isinstance(layer, BatchNormBase)
+        if coupling and layer.training:
             raise UnsupportedModuleError(
                 f"{function}: {where} is in training mode: its batch statistics couple the "
                 "samples and its running statistics would be updated. Call model.eval() "
                 "first (and model.train() afterwards if you are training)."
             )
-        if isinstance(layer, BatchNormBase) and layer.running_mean is None:
+        if coupling and layer.running_mean is None:
             raise UnsupportedModuleError(
                 f"{function}: {where} has no running statistics (track_running_stats=False), "
                 "so even in eval mode it normalises with the statistics of the batch, which "

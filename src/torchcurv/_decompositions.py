@@ -66,9 +66,12 @@ and batching rules are all right. Routed:
   ``lstm_cell``: a Python loop over time steps of ``F.linear``, ``sigmoid``, ``tanh``
   with the kernels' gate order and equations.
 
-Left alone (the original op runs): batch norm in training with running statistics,
-and instance norm with input statistics and running statistics (both update the running
-statistics in place; torchcurv refuses BatchNorm in training mode anyway); unusual
+Batch norm in training with running statistics, and instance norm with input statistics
+and running statistics, update the running statistics in place: they are routed (by the
+batch's or the input's statistics, nothing updated) only inside
+`discarding_running_updates`, which `torchcurv.functional` enters because its buffers are
+copies whose updates are thrown away; elsewhere they are left to the original op.
+Left alone (the original op runs): unusual
 arguments (shapes that do not fit, integer or complex dtypes, a non-positive ``eps``
 where the op refuses it, one value per channel in training; embeddings with
 ``scale_grad_by_freq`` or ``sparse``; nested tensors in attention, ``attn_mask``
@@ -90,7 +93,9 @@ are normalised in float32, as the fused CPU kernels do, and cast back.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from types import FunctionType, TracebackType
 from typing import Any
@@ -99,12 +104,55 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ROUTED_OPS", "corrected_ops"]
+__all__ = [
+    "ROUTED_OPS",
+    "corrected_ops",
+    "discarding_running_updates",
+    "observing_routes",
+    "unrouted",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ROUTED_DTYPES = (torch.float64, torch.float32, *_LOW_PRECISION)
 
 Rule = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+
+#: True inside `discarding_running_updates`.
+_DISCARDING: ContextVar[bool] = ContextVar("torchcurv_discarding", default=False)
+#: True inside `unrouted`: `corrected_ops` does nothing.
+_UNROUTED: ContextVar[bool] = ContextVar("torchcurv_unrouted", default=False)
+#: Inside `observing_routes`: the list the mode appends the routed calls it sees to.
+_OBSERVED: ContextVar[list[str] | None] = ContextVar("torchcurv_observed", default=None)
+
+
+@contextmanager
+def _setting(var: ContextVar[Any], value: Any) -> Iterator[Any]:
+    token = var.set(value)
+    try:
+        yield value
+    finally:
+        var.reset(token)
+
+
+def discarding_running_updates() -> Any:
+    """Inside, batch norm in training and instance norm with input statistics are routed
+    even with running statistics: normalised by the batch's (input's) statistics, the
+    running ones neither read nor updated. For forwards whose buffers are copies that
+    are thrown away (`torchcurv.functional`), where the update is lost anyway."""
+    return _setting(_DISCARDING, True)
+
+
+def unrouted() -> Any:
+    """Inside, `corrected_ops` does nothing: for forwards known to call no routed op
+    (`observing_routes` saw none), which then pay no torch-function mode per op."""
+    return _setting(_UNROUTED, True)
+
+
+def observing_routes() -> Any:
+    """A context that yields a list; `corrected_ops` appends to it the name of every
+    routed call it sees inside (whether its rule applied or the original op ran)."""
+    return _setting(_OBSERVED, [])
 
 
 class _Unsupported(Exception):
@@ -281,8 +329,9 @@ def _batch_norm(
     _need(x.dim() >= 2 and isinstance(training, bool))
     if not training:
         return _by_fixed_statistics(x, running_mean, running_var, weight, bias, eps)
-    # Batch statistics: routed only where nothing is updated in place.
-    _need(running_mean is None and running_var is None)
+    # Batch statistics: routed where nothing is updated in place, or where the running
+    # statistics are a module's copies whose updates are discarded.
+    _need(_DISCARDING.get() or (running_mean is None and running_var is None))
     dims = (0, *range(2, x.dim()))
     return _by_own_statistics(x, dims, weight, bias, _eps(eps, positive=True))
 
@@ -327,8 +376,9 @@ def _instance_norm(
     _need(x.dim() >= 3 and isinstance(use_input_stats, bool))
     if not use_input_stats:
         return _by_fixed_statistics(x, running_mean, running_var, weight, bias, eps)
-    # Input statistics: routed only where no running statistics are updated.
-    _need(running_mean is None and running_var is None)
+    # Input statistics: routed where no running statistics are updated, or where they
+    # are a module's copies whose updates are discarded.
+    _need(_DISCARDING.get() or (running_mean is None and running_var is None))
     return _by_own_statistics(x, tuple(range(2, x.dim())), weight, bias, _eps(eps))
 
 
@@ -745,6 +795,9 @@ class _CorrectedOpsMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         rule = _RULES.get(func)
+        observed = _OBSERVED.get()
+        if observed is not None and (rule is not None or func in _ROUTED_BODIES):
+            observed.append(getattr(func, "__name__", repr(func)))
         if rule is not None:
             try:
                 return rule(*args, **kwargs)
@@ -785,7 +838,7 @@ class _CorrectedOps:
         self._pushed: list[bool] = []
 
     def __enter__(self) -> None:
-        push = not _active()
+        push = not _UNROUTED.get() and not _active()
         if push:
             _MODE.__enter__()  # type: ignore[no-untyped-call]
         self._pushed.append(push)

@@ -318,6 +318,9 @@ def _memory_budget(
     model: nn.Module, X: torch.Tensor, H: torch.Tensor, seconds: float, out: TextIO
 ) -> None:
     print("3. Chunking under a memory budget", file=out)
+    setup = torchcurv.initialize()  # torch's one-time set-up, before the budgets
+    if setup:
+        print(f"   torchcurv.initialize(): torch's one-time set-up took {_mib(setup)}", file=out)
     result_bytes = H.numel() * H.element_size()
     budget = _size(2 * result_bytes)
     print(

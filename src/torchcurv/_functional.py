@@ -15,7 +15,7 @@ from torch import nn
 
 from ._checks import check_module
 from ._compat import global_module_hooks, tree_map
-from ._decompositions import corrected_ops
+from ._decompositions import corrected_ops, discarding_running_updates
 from ._errors import TorchcurvError, argument_error
 from ._types import ParamSelection
 
@@ -133,7 +133,9 @@ def functional(
     weights stay tied: a shared tensor is one entry, under its first name. Every call
     works on copies of the buffers and of the tensors passed in (a forward that edits
     them in place edits the copies), runs the ops whose second derivatives are wrong
-    upstream through `torchcurv._decompositions.corrected_ops`, and skips the module's
+    upstream through `torchcurv._decompositions.corrected_ops` (batch norm in training
+    and instance norm with running statistics normalise by the batch's or the input's
+    statistics; the running ones, copies, are left as they were), and skips the module's
     backward hooks (the derivatives are those of the forward; forward hooks run).
 
     Args:
@@ -221,9 +223,12 @@ def functional_of(
         # caller's tensors, and no "mutate a captured tensor" error under torch.func).
         _refuse_global_backward_hooks(function)
         state = {**fixed, **{n: b.clone() for n, b in buffers.items()}, **params}
-        args, kwargs = tree_map(_copy, (args, kwargs))
+        if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+            args, kwargs = tree_map(_copy, (args, kwargs))
+        else:
+            args = tuple(a.clone() for a in args)
         try:
-            with corrected_ops():
+            with corrected_ops(), discarding_running_updates():
                 return torch.func.functional_call(
                     target, state, args, kwargs, tie_weights=True, strict=False
                 )

@@ -42,6 +42,7 @@ import numbers
 import os
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ __all__ = [
     "measure_peak_on",
     "parse_budget",
     "plan",
+    "resident_memory",
 ]
 
 #: The default memory budget is this fraction of the memory available to the process
@@ -140,7 +142,8 @@ def available_memory(device: torch.device) -> int:
     On CUDA: the device's free memory plus what PyTorch's caching allocator holds
     reserved but unused. On CPU: ``MemAvailable`` of ``/proc/meminfo``, lowered to the
     room left under the memory limit of the process's cgroup (v1 or v2) when it has
-    one, since a container is OOM-killed at its own limit, whatever the host has.
+    one, since a container is OOM-killed at its own limit, whatever the host has; read
+    at most once per `AVAILABLE_MEMORY_REFRESH` seconds.
 
     Args:
         device: The device.
@@ -158,9 +161,38 @@ def available_memory(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free) + max(0, int(cached))
-    available = _meminfo_available()
-    room = _cgroup_room()
-    return available if room is None else max(0, min(available, room))
+    now = time.monotonic()
+    read_at, value = _CPU_AVAILABLE
+    if now - read_at > AVAILABLE_MEMORY_REFRESH:
+        available = _meminfo_available()
+        room = _cgroup_room()
+        value = available if room is None else max(0, min(available, room))
+        _CPU_AVAILABLE[:] = [now, value]
+    return int(value)
+
+
+#: How long (seconds) a reading of the CPU's available memory is reused: reading
+#: ``/proc`` and the cgroup files costs about 0.15 ms, more than a small derivative.
+AVAILABLE_MEMORY_REFRESH = 1.0
+_CPU_AVAILABLE: list[float] = [-math.inf, 0]
+
+
+def resident_memory() -> int | None:
+    """The resident memory of this process in bytes (``VmRSS``), None where unknown.
+
+    Example:
+        >>> from torchcurv._memory import resident_memory
+        >>> (resident_memory() or 1) > 0
+        True
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return None  # pragma: no cover
 
 
 def _meminfo_available() -> int:

@@ -36,7 +36,12 @@ from ._checks import (
     check_randomness,
 )
 from ._compat import tree_flatten
-from ._errors import TorchcurvError, TorchcurvFallbackWarning, argument_error, describe
+from ._errors import (
+    TorchcurvError,
+    TorchcurvFallbackWarning,
+    argument_error,
+    describe,
+)
 from ._functional import functional as functional
 from ._memory import (
     DEFAULT_WORKING_SET,
@@ -48,9 +53,17 @@ from ._memory import (
     parse_budget,
     plan,
 )
-from ._objective import Objective, itemsize, label, numel, per_sample_objective
+from ._objective import (
+    FirstForward,
+    Objective,
+    itemsize,
+    label,
+    numel,
+    per_sample_objective,
+)
 from ._runner import (
     Batch,
+    budget_after_setup,
     cuda_devices,
     measure_work,
     random_error,
@@ -155,12 +168,27 @@ def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
         yield
 
 
-def _out_shape(obj: Objective) -> tuple[int, ...]:
-    """Shape of one sample's differentiated output: one forward of a sample, RNG-neutral."""
-    diff, xs, target = obj.probe_sample()
+# First forwards per module and call signature (weakly keyed by the module).
+_FIRST: weakref.WeakKeyDictionary[nn.Module, dict[Any, FirstForward]] = weakref.WeakKeyDictionary()
+
+
+def _first_forward(obj: Objective) -> FirstForward:
+    """One sample's forward, RNG-neutral and without grad, cached per module state and
+    call signature (`Objective.signature`): the output's shape, the routed ops it calls
+    and the buffers it writes. The objective adopts them; class targets are checked."""
+    cache = _FIRST.setdefault(obj.module, {})
+    first = cache.get(obj.signature())
+    if first is None:
+        first = cache[obj.signature()] = _observe(obj)
+    obj.adopt(first)
+    _check_class_targets(obj, first.classes)
+    return first
+
+
+def _observe(obj: Objective) -> FirstForward:
     try:
         with torch.random.fork_rng(devices=cuda_devices(list(obj.xs))), torch.no_grad():
-            out = obj.per_sample(diff, xs, target)
+            return obj.first_forward()
     except Exception as error:
         _refuse_batched_kwargs(obj, error)
         if isinstance(error, TorchcurvError):
@@ -187,8 +215,6 @@ def _out_shape(obj: Objective) -> tuple[int, ...]:
                 else ""
             )
         ) from error
-    _check_class_targets(obj, diff, xs)
-    return tuple(out.shape)
 
 
 def _class_count_loss(loss: Any) -> int | None:
@@ -200,19 +226,16 @@ def _class_count_loss(loss: Any) -> int | None:
     return None
 
 
-def _check_class_targets(obj: Objective, diff: Any, xs: Any) -> None:
-    """Class indices of a cross-entropy or NLL loss within the module's classes, checked
-    up front (torch reports a bad one deep inside the derivative, without the sample)."""
+def _check_class_targets(obj: Objective, classes: int | None) -> None:
+    """Class indices of a cross-entropy or NLL loss within the module's `classes`,
+    checked up front (torch reports a bad one deep inside the derivative, without the
+    sample)."""
     ignore = _class_count_loss(obj.loss)
     targets = obj.targets
     if ignore is None or targets is None or targets.is_floating_point() or not targets.numel():
         return
-    params, inputs = obj._split(diff, xs)
-    with torch.random.fork_rng(devices=cuda_devices(list(obj.xs))), torch.no_grad():
-        out = obj.fn(params, *(x.unsqueeze(0) for x in inputs), **obj.kwargs)
-    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+    if classes is None:
         return  # the loss itself will say what is wrong
-    classes = out.shape[1]
     bad = ((targets < 0) | (targets >= classes)) & (targets != ignore)
     if bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
@@ -258,11 +281,19 @@ def _prepare(
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, order)
     randomness = check_randomness(function, randomness, BATCH_RANDOMNESS)
+    planning_budget = None
+    if memory_budget is not None:  # before the first forward and the probes
+        planning_budget = budget_after_setup(function, memory_budget, inputs)
     obj, size = per_sample_objective(
         function, module, inputs, randomness, create_graph=create_graph, **what
     )
     request = Request(
-        function, obj, order, randomness, _out_shape(obj), numel(obj.probe_sample()[0])
+        function,
+        obj,
+        order,
+        randomness,
+        _first_forward(obj).out_shape,
+        numel(obj.probe_sample()[0]),
     )
     engine, why_engine = choose(request, mode)
     axes = engine.axes(request)
@@ -281,9 +312,11 @@ def _prepare(
         )
         return _Call(request, engine, decision, size)
     budget = parse_budget(function, memory_budget, obj.xs[0].device)
+    if planning_budget is None:
+        planning_budget = budget
     looped = False
     try:
-        chosen = _plan(request, engine, axes, size, budget)
+        chosen = _plan(request, engine, axes, size, planning_budget)
     except Exception as error:
         if "called a random operation" in str(error) and request.randomness == "error":
             raise TorchcurvError(random_error(label(function, obj.module))) from None
@@ -297,7 +330,7 @@ def _prepare(
             stacklevel=4,
         )
         looped = True
-        chosen = _plan(request, engine, axes, size, budget, looped=True)
+        chosen = _plan(request, engine, axes, size, planning_budget, looped=True)
     decision = Decision(
         function,
         engine.name,
@@ -363,12 +396,17 @@ def _plan(
     # default budget (a fraction of the memory available now) changes from call to call.
     key = (engine.name, request.order, request.randomness, axes, obj.signature(), looped)
     cache = _MODELS.setdefault(obj.module, {})
-    batch = Batch(request.function, obj.args(), obj.in_dims())
+    last = cache.get((key, "plan"))  # the last plan, for repeated calls
+    if last is not None and last[:2] == (size, budget):
+        return last[2]  # type: ignore[no-any-return]
     one_at_a_time = request.randomness == "different" or looped
+    batches: list[Batch] = []
 
     def measure(length: int, chunks: tuple[int, ...]) -> int:
+        if not batches:
+            batches.append(Batch(request.function, obj.args(), obj.in_dims()))
         work = engine.work(request, chunks)
-        return measure_work(work, batch, length, chunks, single=looped)[0]
+        return measure_work(work, batches[0], length, chunks, single=looped)[0]
 
     slack = heap_slack(obj.xs[0].device)
     whole_key = (key, "whole", size)
@@ -376,25 +414,28 @@ def _plan(
         cache[whole_key] = _whole(measure, axes, size, result_bytes, budget, slack)
     whole = cache.get(whole_key)
     if whole is not None and whole.predicted_peak <= budget:
-        return dataclasses.replace(whole, budget=budget)  # type: ignore[no-any-return]
-    if key not in cache or not cache[key].covers(budget):
-        cache[key] = fit(
-            measure,
-            axes,
-            max_batch=1 if one_at_a_time else 2,
+        chosen: Plan = dataclasses.replace(whole, budget=budget)
+    else:
+        if key not in cache or not cache[key].covers(budget):
+            cache[key] = fit(
+                measure,
+                axes,
+                max_batch=1 if one_at_a_time else 2,
+                result_bytes=result_bytes,
+                limit=budget,
+            )
+        chosen = plan(
+            request.function,
+            batch=size,
+            axes=axes,
+            model=cache[key],
             result_bytes=result_bytes,
-            limit=budget,
+            budget=budget,
+            batch_limit=1 if one_at_a_time else None,
+            slack=slack,
         )
-    return plan(
-        request.function,
-        batch=size,
-        axes=axes,
-        model=cache[key],
-        result_bytes=result_bytes,
-        budget=budget,
-        batch_limit=1 if one_at_a_time else None,
-        slack=slack,
-    )
+    cache[(key, "plan")] = (size, budget, chosen)
+    return chosen
 
 
 def _whole(
@@ -738,9 +779,12 @@ def batch_hessian(
     """The Hessian of a loss over the whole batch, ``loss(module(inputs), targets)``.
 
     With the default ``reduction="mean"`` of torch's losses this is the Hessian of the
-    mean loss: the mean of the per-sample loss Hessians. With ``wrt="params"`` the
-    result is a dict of dicts ``H[name_i][name_j]: [*p_i.shape, *p_j.shape]``;
-    ``torchcurv.to_matrix(H)`` gives the ``P x P`` matrix.
+    mean loss: the mean of the per-sample loss Hessians. BatchNorm in training mode
+    normalises by the batch's statistics, as the model does (the samples are coupled
+    there, and that coupling is the model's); its running statistics are not updated.
+    With ``wrt="params"`` the result is a dict of dicts
+    ``H[name_i][name_j]: [*p_i.shape, *p_j.shape]``; ``torchcurv.to_matrix(H)`` gives
+    the ``P x P`` matrix.
 
     Args:
         module: The model; never modified.
@@ -762,8 +806,7 @@ def batch_hessian(
         The Hessian blocks.
 
     Raises:
-        UnsupportedModuleError: For BatchNorm in training mode, or dropout in training
-            mode with ``randomness="error"``.
+        UnsupportedModuleError: For dropout in training mode with ``randomness="error"``.
         TorchcurvError: For bad arguments.
 
     Example:
@@ -802,7 +845,7 @@ def batch_hessian(
             create_graph=create_graph,
             argnums=argnums,
         )
-        check_layers(name, module, randomness)
+        check_layers(name, module, randomness, per_sample=False)
         obj.batch_size()
         transform = hessian(
             obj.whole_batch,

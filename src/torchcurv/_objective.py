@@ -9,20 +9,75 @@ Each sample is fed to the module alone, as a batch of one, so samples never mix.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._checks import as_inputs, check_layers, check_module, check_objective
-from ._compat import tree_flatten, tree_map
+from ._compat import global_module_hooks, tree_flatten, tree_map
+from ._decompositions import observing_routes
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import functional_of
 from ._types import WRT, LossFunction, OutputSelection, ParamSelection
 
-__all__ = ["Objective", "itemsize", "label", "numel", "per_sample_objective"]
+__all__ = [
+    "FirstForward",
+    "Objective",
+    "itemsize",
+    "label",
+    "module_state",
+    "numel",
+    "per_sample_objective",
+]
+
+
+@dataclass(frozen=True)
+class FirstForward:
+    """What the forward of one sample showed, cached per module state and call signature.
+
+    Attributes:
+        out_shape: Shape of one sample's differentiated output.
+        classes: Size of dim 1 of the module's (batch-of-one) output, when it has one
+            (the class count a cross-entropy or NLL target must respect).
+        routed: The ops of `torchcurv._decompositions.ROUTED_OPS` the forward called;
+            when empty, derivatives run without the `corrected_ops` mode.
+        written: The buffers the forward writes in place (a running mean, a counter);
+            each sample then gets its own copy of them, and the updates are discarded.
+    """
+
+    out_shape: tuple[int, ...]
+    classes: int | None
+    routed: tuple[str, ...]
+    written: tuple[str, ...]
+
+
+def module_state(module: nn.Module) -> tuple[Any, ...]:
+    """What a module's first forward (routing, written buffers, shapes) and its memory
+    depend on besides the inputs: each submodule's training flag and hooks, and the
+    identity, shape, dtype, device and ``requires_grad`` of every parameter and buffer
+    (not their values: a training step that updates weights in place keeps the caches).
+    """
+    modules = tuple(
+        (
+            m.training,
+            tuple(m._forward_hooks),
+            tuple(m._forward_pre_hooks),
+            tuple(m._backward_hooks),
+            tuple(m._backward_pre_hooks),
+        )
+        for m in module.modules()
+    )
+    tensors = tuple(
+        (n, id(t), t.shape, t.dtype, t.device, t.requires_grad)
+        for named in (module.named_parameters(), module.named_buffers())
+        for n, t in named
+    )
+    return modules, tensors, tuple(global_module_hooks())
 
 
 def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:
@@ -54,6 +109,9 @@ def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Te
 
 
 def _drop_batch(function: str, out: Any) -> Any:
+    if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == 1:
+        return out[0]
+
     def first(t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != 1:
             argument_error(
@@ -138,6 +196,9 @@ class Objective:
         self.fn, self.params = functional_of(
             function, module, params, select=wrt != "inputs", attached=create_graph
         )
+        #: Set by `adopt` from the first forward.
+        self.written: tuple[str, ...] = ()
+        self.routed = True
 
     def diff(self, xs: tuple[Any, ...]) -> Any:
         """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
@@ -168,14 +229,41 @@ class Objective:
             xs[i] = value
         return params, tuple(xs)
 
-    def per_sample(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
+    def per_sample(
+        self, diff: Any, xs: Any, target: Any, buffers: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
         """The objective of one sample (fed to the module as a batch of one); `xs` holds
-        the inputs passed along undifferentiated (`passed`)."""
+        the inputs passed along undifferentiated (`passed`), `buffers` the sample's own
+        copies of the buffers the forward writes (`written`; copied again here, so the
+        writes land on copies)."""
         params, xs = self._split(diff, xs)
+        if buffers:
+            params = {**params, **{n: b.clone() for n, b in buffers.items()}}
         out = self.fn(params, *(x.unsqueeze(0) for x in xs), **self.kwargs)
+        return self._objective(out, target)
+
+    def _objective(self, out: Any, target: Any) -> torch.Tensor:
         if self.loss is not None:
             return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
         return _select_output(self.function, _drop_batch(self.function, out), self.output)
+
+    def first_forward(self) -> FirstForward:
+        """Run the forward of sample 0 (as it is, no grad, RNG state untouched by the
+        caller's view: the caller forks it) and say what it showed."""
+        diff, xs, target = self.probe_sample()
+        params, inputs = self._split(diff, xs)
+        copies = {n: b.detach().clone() for n, b in self.module.named_buffers()}
+        with observing_routes() as routed:
+            out = self.fn({**params, **copies}, *(x.unsqueeze(0) for x in inputs), **self.kwargs)
+        written = tuple(n for n, b in copies.items() if b._version)
+        value = self._objective(out, target)
+        classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() >= 2 else None
+        return FirstForward(tuple(value.shape), classes, tuple(dict.fromkeys(routed)), written)
+
+    def adopt(self, first: FirstForward) -> None:
+        """Take the routing and the written buffers of the first forward."""
+        self.routed = bool(first.routed)
+        self.written = first.written
 
     def whole_batch(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
         """The objective of the whole batch (the loss over all samples)."""
@@ -209,7 +297,7 @@ class Objective:
             )
         return int(sizes.pop())
 
-    def in_dims(self) -> tuple[Any, Any, Any]:
+    def in_dims(self) -> tuple[Any, Any, Any, Any]:
         x_dims: Any = 0 if self.single else (0,) * len(self.argnums)
         diff_dims: Any = (
             {"inputs": x_dims, "params": None}
@@ -217,17 +305,21 @@ class Objective:
             else (x_dims if self.wrt == "inputs" else None)
         )
         xs_dims = (0,) * len(self.rest) if self.rest else None
-        return diff_dims, xs_dims, None if self.targets is None else 0
+        buffer_dims = 0 if self.written else None
+        return diff_dims, xs_dims, None if self.targets is None else 0, buffer_dims
 
-    def args(self) -> tuple[Any, Any, Any]:
-        return self.diff(self.xs), self.passed(self.xs), self.targets
+    def args(self) -> tuple[Any, Any, Any, Any]:
+        """The batched arguments of `per_sample`: the written buffers are expanded over
+        the batch (no copy: each sample's copy is made inside, by `per_sample`)."""
+        size = self.xs[0].shape[0]
+        buffers = dict(self.module.named_buffers())
+        written = {n: buffers[n].detach().expand(size, *buffers[n].shape) for n in self.written}
+        return self.diff(self.xs), self.passed(self.xs), self.targets, written or None
 
-    def signature(self) -> tuple[Any, ...]:
-        """What the memory of one sample's derivative depends on (not the values).
-
-        Callables (an output selector, a loss) enter as themselves, not by ``id()``.
-        """
+    @functools.cached_property
+    def _signature(self) -> tuple[Any, ...]:
         return (
+            module_state(self.module),
             self.wrt,
             self.argnums,
             self.single,
@@ -242,6 +334,14 @@ class Objective:
                 for k, v in sorted(self.kwargs.items())
             ),
         )
+
+    def signature(self) -> tuple[Any, ...]:
+        """What one sample's forward and the memory of its derivative depend on (not the
+        values): the module's state (`module_state`), the shapes and options of the call.
+
+        Callables (an output selector, a loss) enter as themselves, not by ``id()``.
+        """
+        return self._signature
 
     def probe_sample(self) -> tuple[Any, Any, Any]:
         """``(diff, xs, target)`` of sample 0, or of a zero sample when the batch is empty."""

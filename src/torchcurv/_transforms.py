@@ -54,6 +54,7 @@ from ._types import (
 
 __all__ = [
     "HESSIAN_MODES",
+    "HESSIAN_STAGES",
     "JACOBIAN_MODES",
     "hessian",
     "hessian_basis_sizes",
@@ -528,7 +529,8 @@ def _assemble(
 # hessian
 # --------------------------------------------------------------------------------------
 
-_STAGES = {
+#: A Hessian mode's (inner, outer) Jacobian modes.
+HESSIAN_STAGES = {
     "fwd-over-rev": ("rev", "fwd"),
     "rev-over-rev": ("rev", "rev"),
     "rev-over-fwd": ("fwd", "rev"),
@@ -544,7 +546,7 @@ def hessian_basis_sizes(mode: str, n_out: int, n_in: int) -> tuple[int, int]:
     differentiates, a forward stage one per input entry; the outer stage differentiates
     the inner Jacobian, which has ``n_out * n_in`` entries.
     """
-    inner_mode, outer_mode = _STAGES[mode]
+    inner_mode, outer_mode = HESSIAN_STAGES[mode]
     if inner_mode == "auto":
         inner_mode = "rev" if n_out <= n_in else "fwd"
     inner = n_out if inner_mode == "rev" else n_in
@@ -611,7 +613,7 @@ def hessian(
     inner_chunk, outer_chunk = check_hessian_chunk_size(name, chunk_size)
     check_flag(name, "has_aux", has_aux)
     randomness = check_randomness(name, randomness)  # type: ignore[assignment]
-    inner_mode, outer_mode = _STAGES[mode]
+    inner_mode, outer_mode = HESSIAN_STAGES[mode]
     inner = _jacobian(func, argnums, inner_mode, inner_chunk, has_aux, randomness, name)
     return _jacobian(inner, argnums, outer_mode, outer_chunk, has_aux, randomness, name)
 

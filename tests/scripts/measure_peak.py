@@ -1,12 +1,15 @@
 """Measure the memory of one per_sample_hessian call the way the promise is defined.
 
-Run in a fresh process (the test suite does, once per call). After a warm-up call (the
-same call), the peak resident memory of the call above the resident memory just before
-it: VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS. Prints one
-JSON line: that peak, the live-byte peak (`torchcurv._memory.measure_peak`), the time
-and the budget.
+Run in a fresh process (the test suite does, once per call), with no warm-up of the
+same call: the first call of the process, after ``PRIOR``: ``initialize``
+(`torchcurv.initialize`), ``tiny`` (one small default call on another model, which
+does not pay torch's one-time set-up) or ``none``. Its peak resident memory above the
+resident memory just before it: VmHWM after resetting it through /proc/self/clear_refs,
+minus VmRSS. Then, as a second call, its live-byte peak
+(`torchcurv._memory.measure_peak`). Prints one JSON line: both peaks, the time, the
+budget and a checksum of the result.
 
-    python measure_peak.py WIDTH BATCH MODE [BUDGET_BYTES]
+    python measure_peak.py WIDTH BATCH MODE PRIOR [BUDGET_BYTES]
 
 Without a budget the call is unchunked (``chunk_size=None``).
 """
@@ -45,8 +48,13 @@ def resident_peak(call):  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    width, batch, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    budget = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    width, batch, mode, prior = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    budget = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    if prior == "initialize":
+        torchcurv.initialize()
+    elif prior == "tiny":
+        tiny = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        torchcurv.per_sample_hessian(tiny, torch.randn(3, 4))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, width),
@@ -61,7 +69,6 @@ def main() -> None:
     def call() -> torch.Tensor:
         return torchcurv.per_sample_hessian(model, X, mode=mode, **options)  # type: ignore[arg-type]
 
-    call()  # warm-up: planning, lazy initialisation, kernel choice
     peak, elapsed, result = resident_peak(call)
     live, _ = measure_peak(call)
     print(

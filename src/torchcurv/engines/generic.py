@@ -1,8 +1,11 @@
 """The generic engine: torch.func's modes, vmapped over the batch.
 
+Unchunked, a mode is torch.func's own composition (``jacfwd(jacrev(f))`` ...), so the
+engine adds nothing to raw torch.func but the batch runner; chunked on a basis axis,
 `torchcurv.jacobian` / `torchcurv.hessian` differentiate the objective of one sample
 (chunked over their basis axes, with the ops whose second-order rules are wrong upstream
-routed through `torchcurv._decompositions.corrected_ops`); the runner vmaps that over a
+routed through `torchcurv._decompositions.corrected_ops`, a mode entered only when the
+cached first forward of the module called such an op); the runner vmaps that over a
 batch slice.
 """
 
@@ -16,8 +19,10 @@ import torch
 from torch import nn
 
 from .._compat import DERIVATIVE_LOCK
+from .._decompositions import unrouted
 from .._runner import Batch, Work, cuda_devices, vmapped
 from .._transforms import (
+    HESSIAN_STAGES,
     hessian,
     hessian_basis_sizes,
     jacobian,
@@ -44,15 +49,20 @@ _MODE_LACKS = (
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Any, str | None]] = weakref.WeakKeyDictionary()
 
 
-def _planned(transform: Any) -> Any:
+def _planned(transform: Any, routed: bool) -> Any:
     """`transform` with its planned chunks vmapped (a chunk of one too): see
-    `torchcurv._transforms.vectorised_chunks`."""
+    `torchcurv._transforms.vectorised_chunks`; without the `corrected_ops` mode when
+    the first forward called no routed op (``routed=False``)."""
 
     def planned(*args: Any) -> Any:
         with vectorised_chunks():
             return transform(*args)
 
-    return planned
+    def unrouted_planned(*args: Any) -> Any:
+        with vectorised_chunks(), unrouted():
+            return transform(*args)
+
+    return planned if routed else unrouted_planned
 
 
 def fallback_mode(order: int) -> str:
@@ -84,6 +94,13 @@ def _probe(engine: GenericEngine, request: Request) -> str | None:
     except Exception:  # any other failure is the real run's to report
         return None
     return None
+
+
+def _torch_func_stage(mode: str, func: Any, randomness: str) -> Any:
+    """`torch.func.jacrev` or `torch.func.jacfwd` of `func` (argument 0), unchunked."""
+    if mode == "rev":
+        return torch.func.jacrev(func)
+    return torch.func.jacfwd(func, randomness=randomness)
 
 
 class GenericEngine:
@@ -122,7 +139,15 @@ class GenericEngine:
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
         inner = "error" if request.randomness == "error" else "same"
-        if self.order == 1:
+        whole = all(c is None or c >= a for c, a in zip(chunks, self.axes(request), strict=True))
+        if whole and request.out_numel and request.in_numel:
+            # Unchunked: torch.func's own composition, which the objective's forward
+            # routes itself (`torchcurv.functional`): nothing added to raw torch.func.
+            stages = (self.mode,) if self.order == 1 else HESSIAN_STAGES[self.mode]
+            transform = obj.per_sample
+            for stage in stages:
+                transform = _torch_func_stage(stage, transform, inner)
+        elif self.order == 1:
             transform = jacobian(
                 obj.per_sample,
                 mode=self.mode,  # type: ignore[arg-type]
@@ -136,4 +161,4 @@ class GenericEngine:
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,  # type: ignore[arg-type]
             )
-        return vmapped(_planned(transform), obj.in_dims(), 0, request.randomness)
+        return vmapped(_planned(transform, obj.routed), obj.in_dims(), 0, request.randomness)

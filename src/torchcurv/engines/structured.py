@@ -1137,7 +1137,7 @@ class StructuredEngine:
         obj = request.objective
         features = tuple(obj.xs[0].shape[1:])
 
-        def batched(x: Tensor, _: object, targets: Tensor | None) -> Tensor:
+        def batched(x: Tensor, _: object, targets: Tensor | None, __: object) -> Tensor:
             try:
                 with torch.set_grad_enabled(obj.create_graph):
                     hess = structured_input_hessian(
