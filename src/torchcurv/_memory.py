@@ -185,10 +185,15 @@ def resident_memory() -> int | None:
         >>> (resident_memory() or 1) > 0
         True
     """
+    return _proc_field("/proc/self/status", "VmRSS")
+
+
+def _proc_field(path: str, field: str) -> int | None:
+    """Bytes of a ``field: <n> kB`` line of a ``/proc`` file, None where unreadable."""
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:  # pragma: no cover - non-Linux
         pass
@@ -196,13 +201,9 @@ def resident_memory() -> int | None:
 
 
 def _meminfo_available() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - non-Linux
-        pass
+    available = _proc_field("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     if hasattr(os, "sysconf"):  # pragma: no cover - non-Linux
         try:
             return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -248,8 +248,8 @@ class Objective:
         return _select_output(self.function, _drop_batch(self.function, out), self.output)
 
     def first_forward(self) -> FirstForward:
-        """Run the forward of sample 0 (as it is, no grad, RNG state untouched by the
-        caller's view: the caller forks it) and say what it showed."""
+        """Run the forward of sample 0 on copies of the buffers (the caller runs it
+        without grad and with the RNG state forked) and say what it showed."""
         diff, xs, target = self.probe_sample()
         params, inputs = self._split(diff, xs)
         copies = {n: b.detach().clone() for n, b in self.module.named_buffers()}

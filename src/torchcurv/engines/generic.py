@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -55,14 +56,10 @@ def _planned(transform: Any, routed: bool) -> Any:
     the first forward called no routed op (``routed=False``)."""
 
     def planned(*args: Any) -> Any:
-        with vectorised_chunks():
+        with vectorised_chunks(), nullcontext() if routed else unrouted():
             return transform(*args)
 
-    def unrouted_planned(*args: Any) -> Any:
-        with vectorised_chunks(), unrouted():
-            return transform(*args)
-
-    return planned if routed else unrouted_planned
+    return planned
 
 
 def fallback_mode(order: int) -> str:
