@@ -1,10 +1,14 @@
 """Check torchcurv's memory promise, and the planner's speed, one fresh process per workload.
 
-The promise: in a fresh process, after a warm-up call (the same call, the same shapes),
+The promise: from the first call of a fresh process on (no warm-up of the same call),
 the peak resident memory of the call above the resident memory just before it (``VmHWM``
 after resetting it through ``/proc/self/clear_refs``, minus ``VmRSS``) is at most
 ``1.10 x budget + 16 MiB``, or the call raises `torchcurv.MemoryBudgetError` (and then
-allocates no more than that either).
+allocates no more than that either). Each workload's measured call is the first
+torchcurv call on it, after `torchcurv.initialize()` (the documented practice), or, for
+the ``first-*`` workloads, after only a tiny default call on another model (the call
+then pays torch's one-time set-up within its budget, or refuses a budget too small for
+it).
 
 Every workload runs in its own child process (``python benchmarks/memory.py --worker
 NAME``) with glibc's default allocator (``MALLOC_*`` variables are removed from the
@@ -72,6 +76,7 @@ class Case:
     hidden: bool = False  # run only as another case's fallback
     min_available: int | None = None  # skip when MemAvailable is lower
     extra: bool = False  # not one of the workloads of the brief; marked in the report
+    prior: str = "initialize"  # before the measured call: "initialize" or "tiny"
 
 
 CASES = [
@@ -114,6 +119,21 @@ CASES = [
     Case("seed-cnn-half", "seed-cnn-half", "memory",
          "9. seed CNN (MNIST-shaped, 1x28x28), output=2, input Hessian, B=8, budget = half "
          "the unchunked peak measured in the same process"),
+    Case("first-cnn16-48MiB", "first", "memory",
+         "10. as 3 (48MiB), after only a tiny default call on another model: torch's "
+         "one-time set-up is not paid, and does not fit: a refusal passes",
+         refusal_ok=True, prior="tiny"),
+    Case("first-cnn16-128MiB", "first", "memory",
+         "10. as 3 (128MiB), after only a tiny default call on another model", prior="tiny"),
+    Case("first-mlp256-fwd-B128", "first", "memory",
+         "10. as 4 (B=128, 96MiB), after only a tiny default call on another model (a "
+         "refusal for torch's set-up passes)", refusal_ok=True, prior="tiny"),
+    Case("first-mlp256-fwd-B128-160MiB", "first", "memory",
+         "10. as 4 (B=128) with 160MiB, after only a tiny default call on another model",
+         prior="tiny"),
+    Case("first-per-sample-fn", "first", "memory",
+         "10. as 6 (64MiB), after only a tiny default call on another model (a refusal "
+         "for torch's set-up passes)", refusal_ok=True, prior="tiny"),
     Case("speed-mlp-budget", "speed", "speed",
          "MLP 128-256-256-1 (tanh), input Hessian, output=0, B=16: budget = half the "
          "unchunked peak vs chunk_size=None"),
@@ -346,10 +366,13 @@ def report(
             "## Memory promise",
             "",
             "Each row is a fresh process: build the model (float32, fixed seed, eval mode), "
-            "`torchcurv.explain` (the decision below), a warm-up call, then `gc.collect()`, "
-            "glibc's `malloc_trim(0)`, write `5` to `/proc/self/clear_refs` (resets "
-            "`VmHWM`), read `VmRSS`, the measured call, read `VmHWM`. Peak = `VmHWM - "
-            "VmRSS`; it includes the result. Bound = 1.10 x budget + 16 MiB. A "
+            "`torchcurv.initialize()` (the `first-*` rows: only a tiny default call on "
+            "another model instead), then `gc.collect()`, glibc's `malloc_trim(0)`, write "
+            "`5` to `/proc/self/clear_refs` (resets `VmHWM`), read `VmRSS`, the measured "
+            "call (the first torchcurv call on this workload: no warm-up, the planner's "
+            "measurements included), read `VmHWM`; then `torchcurv.explain` for the "
+            "decision below. Peak = `VmHWM - VmRSS`; it includes the result. Bound = 1.10 x "
+            "budget + 16 MiB. A "
             "`MemoryBudgetError` passes where the workload allows it or where the result "
             "alone exceeds the budget; otherwise it is reported as REFUSED (the promise is "
             "kept, but the planner gave up on a budget the result fits). Time: the "
@@ -386,11 +409,12 @@ def report(
                 details.append(f"  - message: {one_line(r['message'])[:600]}")
             for note in r.get("notes", []):
                 details.append(f"  - {one_line(note)}")
-            if r.get("warmup_seconds") is not None:
+            if r.get("prior") is not None:
                 details.append(
-                    f"  - warm-up call {fmt_seconds(r['warmup_seconds'])} s "
-                    f"({r.get('warmup_outcome')}); RSS before the measured call "
-                    f"{fmt_bytes(r.get('rss_before'))}; worker wall time "
+                    f"  - before the measured call: {r['prior']} "
+                    f"({fmt_seconds(r.get('prior_seconds'))} s, "
+                    f"{fmt_bytes(r.get('prior_bytes'))} resident added); RSS before the "
+                    f"measured call {fmt_bytes(r.get('rss_before'))}; worker wall time "
                     f"{fmt_seconds(r.get('wall'))} s"
                 )
         lines += ["", "### Decisions and notes", "", *details, ""]
@@ -624,7 +648,8 @@ def memory_case(
     expected_result_bytes: int,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Explain, warm up, measure one call; the JSON fields of a memory workload."""
+    """The prior step, the measured (first) call, then explain; the JSON fields of a
+    memory workload."""
     supported, peak_note = _peak_supported()
     out: dict[str, Any] = {
         "budget": budget,
@@ -633,23 +658,9 @@ def memory_case(
     }
     if not supported:
         out["peak_note"] = peak_note
-    if explain is None:
-        out["decision"] = "n/a (torchcurv.explain is not available for this call)"
-    else:
-        try:
-            decision = explain()
-            out["decision"] = str(decision)
-            if budget is None and getattr(decision, "budget", None) is not None:
-                out["budget"] = int(decision.budget)
-                out["budget_source"] = "the default, as reported by torchcurv.explain"
-        except Exception as error:
-            out["decision"] = f"explain raised {_error_text(error)}"
-    if out["budget"] is None:
-        out["budget_source"] = "the default (unknown: explain gave none)"
-    _progress(out, "the warm-up call")
-    warm = _attempt(call, measure=False)
-    out["warmup_outcome"], out["warmup_seconds"] = warm["outcome"], warm["seconds"]
-    del warm
+    _progress(out, f"the prior step ({PRIOR['name']})")
+    out["prior"] = PRIOR["name"]
+    out["prior_seconds"], out["prior_bytes"] = _prior(PRIOR["name"])
     _progress(out, "the measured call")
     measured = _attempt(call, measure=True)
     out["outcome"], out["seconds"] = measured["outcome"], measured["seconds"]
@@ -661,7 +672,42 @@ def memory_case(
         summary, nbytes, finite = _summary(measured.pop("value"))
         out["result_summary"] = summary + ("" if finite else "; NOT all finite")
         out["result_bytes"] = nbytes
+    del measured
+    if explain is None:
+        out["decision"] = "n/a (torchcurv.explain is not available for this call)"
+    else:  # after the measured call: what it decided (cached), and the default budget
+        try:
+            decision = explain()
+            out["decision"] = str(decision)
+            if budget is None and getattr(decision, "budget", None) is not None:
+                out["budget"] = int(decision.budget)
+                out["budget_source"] = "the default, as torchcurv.explain reports it after"
+        except Exception as error:
+            out["decision"] = f"explain raised {_error_text(error)}"
+    if out["budget"] is None:
+        out["budget_source"] = "the default (unknown: explain gave none)"
     return out
+
+
+#: The prior step of this worker's memory workload (set by `worker_main`).
+PRIOR = {"name": "initialize"}
+
+
+def _prior(name: str) -> tuple[float, int | None]:
+    """Run the step before the measured call; its seconds and resident bytes added."""
+    import torch
+
+    import torchcurv
+
+    start, before = time.perf_counter(), _status("VmRSS")
+    if name == "initialize" and hasattr(torchcurv, "initialize"):
+        torchcurv.initialize()
+    elif name == "tiny":
+        state = torch.random.get_rng_state()
+        tiny = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        torchcurv.per_sample_hessian(tiny, torch.randn(3, 4))
+        torch.random.set_rng_state(state)
+    return time.perf_counter() - start, _status("VmRSS") - before
 
 
 def _mlp(*sizes: int, act: Any = None) -> Any:
@@ -1115,6 +1161,7 @@ def worker_main(name: str, args: argparse.Namespace) -> int:
     import torchcurv
 
     case = CASE_BY_NAME[name]
+    PRIOR["name"] = case.prior
     if case.section == "memory":
         torch.set_num_threads(args.threads if args.threads is not None else 1)
     elif args.threads is not None:
@@ -1135,6 +1182,11 @@ def worker_main(name: str, args: argparse.Namespace) -> int:
         "layernorm-64MiB": lambda: w_layernorm("64MiB"),
         "layernorm-256MiB": lambda: w_layernorm("256MiB"),
         "seed-cnn-half": w_seed_cnn_half,
+        "first-cnn16-48MiB": lambda: w_cnn16("48MiB"),
+        "first-cnn16-128MiB": lambda: w_cnn16("128MiB"),
+        "first-mlp256-fwd-B128": lambda: w_mlp256(128, "96MiB", "fwd-over-rev"),
+        "first-mlp256-fwd-B128-160MiB": lambda: w_mlp256(128, "160MiB", "fwd-over-rev"),
+        "first-per-sample-fn": w_per_sample_fn,
         "speed-mlp-budget": lambda: w_speed_budget("mlp", quick),
         "speed-cnn-budget": lambda: w_speed_budget("cnn", quick),
         "speed-cnn-raw": lambda: w_speed_cnn_raw(quick),

@@ -184,6 +184,8 @@ def child_main(section: str, quick: bool) -> int:
         result = sweep_peaks(quick)
     elif section == "budget":
         result = budget_peaks(quick)
+    elif section == "overhead":
+        result = {}  # times only
     else:
         result = workload_peaks(dict(zip(WORKLOAD_NAMES, all_workloads(quick), strict=True))[
             section]())  # fmt: skip
@@ -539,7 +541,7 @@ WORKLOAD_NAMES = [
     *(f"mlp-{'-'.join(map(str, w))}" for w, _ in MLP_SIZES), "cnn", "pinn", "params",
 ]  # fmt: skip
 GROUPS = {"mlp": WORKLOAD_NAMES[:3]}
-SECTIONS = ["sweep", "budget"]
+SECTIONS = ["sweep", "budget", "overhead"]
 
 
 # --------------------------------------------------------------------------------------
@@ -548,7 +550,7 @@ SECTIONS = ["sweep", "budget"]
 
 
 ALLOWANCE = {"mlp": 20.0, "cnn": 60.0, "pinn": 40.0, "params": 40.0, "sweep": 90.0,
-             "budget": 60.0}  # fmt: skip
+             "budget": 60.0, "overhead": 60.0}  # fmt: skip
 
 
 @dataclass
@@ -904,6 +906,92 @@ def budget_check(s: Settings, peaks: dict[str, Any]) -> tuple[list[str], list[Ta
 
 
 # --------------------------------------------------------------------------------------
+# fixed cost per call
+# --------------------------------------------------------------------------------------
+
+#: (title, widths, batch, modes): generic engines against their own torch.func
+#: compositions, unchunked. The tiny MLP measures the fixed cost per call; the larger one
+#: (raw >= 5 ms) the proportional cost.
+OVERHEAD_CASES = [
+    ("MLP 4-8-1, B=8", [4, 8, 1], 8,
+     ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "rev", "fwd")),
+    ("MLP 32-128-128-1, B=64", [32, 128, 128, 1], 64, ("fwd-over-rev", "rev-over-rev")),
+]  # fmt: skip
+#: The targets: at most OVERHEAD_RATIO x raw where raw takes OVERHEAD_SLOW_MS or more,
+#: at most raw + OVERHEAD_MS below that.
+OVERHEAD_RATIO, OVERHEAD_SLOW_MS, OVERHEAD_MS = 1.10, 5.0, 0.25
+_STAGE = {"rev": torch.func.jacrev, "fwd": torch.func.jacfwd}
+
+
+def overhead_check(s: Settings, peaks: dict[str, Any]) -> tuple[list[str], list[Target]]:
+    """Each generic mode, explicitly requested and unchunked, against raw
+    ``vmap(<its jacfwd/jacrev composition>(f))``, interleaved repeats."""
+    del peaks  # nothing to measure in a child: times only
+    lines = [
+        "### Fixed cost per call: generic engines vs their torch.func compositions", "",
+        "`torchcurv.per_sample_hessian(model, X, output=0, mode=m, chunk_size=None)` (or "
+        "`per_sample_jacobian`), the whole public call (checks, cached first forward, "
+        "engine, runner), against raw `vmap(outer(inner(f)))(X)` built once, `f` the "
+        "single-sample function through `functional_call`; interleaved repeats, medians. "
+        f"Target: <= {OVERHEAD_RATIO:g}x where raw takes >= {OVERHEAD_SLOW_MS:g} ms, else "
+        f"<= raw + {OVERHEAD_MS:g} ms.", "",
+        "| workload | mode | raw [ms] | torchcurv [ms] | difference [ms] | ratio | repeats "
+        "| max abs diff | target |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]  # fmt: skip
+    targets = []
+    started = time.perf_counter()
+    for title, widths, B, modes in OVERHEAD_CASES:
+        seeded(0)
+        model = mlp(widths).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        X = torch.randn(B, widths[0])
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(x: Tensor, model: nn.Module = model, params: dict[str, Tensor] = params) -> Tensor:
+            return torch.func.functional_call(model, params, (x.unsqueeze(0),))[0, 0]
+
+        for mode in modes:
+            stages = mode.split("-over-")[::-1]  # inner first
+            raw_fn: Callable[..., Any] = f
+            for stage in stages:
+                raw_fn = _STAGE[stage](raw_fn)
+            raw = torch.vmap(raw_fn)
+            public = torchcurv.per_sample_hessian if "-over-" in mode else (
+                torchcurv.per_sample_jacobian)  # fmt: skip
+
+            def ours(model: nn.Module = model, X: Tensor = X, mode: str = mode,
+                     public: Callable[..., Any] = public) -> Tensor:  # fmt: skip
+                return public(model, X, output=0, mode=mode, chunk_size=None)  # type: ignore[no-any-return]
+
+            diff = float((ours() - raw(X)).abs().max())  # also the warm-up
+            t_raw, t_ours = [], []
+            repeats = 41 if s.quick else 201
+            for r in range(repeats):
+                if r > 20 and time.perf_counter() - started > s.allowance("overhead"):
+                    break
+                pair = [("raw", lambda raw=raw, X=X: raw(X)), ("ours", ours)]
+                for name, fn in pair if r % 2 else pair[::-1]:
+                    (t_raw if name == "raw" else t_ours).append(timed(fn)[0])
+            m_raw, m_ours = statistics.median(t_raw) * 1e3, statistics.median(t_ours) * 1e3
+            if m_raw >= OVERHEAD_SLOW_MS:
+                ok, threshold = m_ours / m_raw <= OVERHEAD_RATIO, f"<= {OVERHEAD_RATIO:g}x"
+            else:
+                ok, threshold = m_ours - m_raw <= OVERHEAD_MS, f"<= raw + {OVERHEAD_MS:g} ms"
+            lines.append(
+                f"| {title} | {mode} | {m_raw:.3f} | {m_ours:.3f} | {m_ours - m_raw:+.3f} "
+                f"| {fmt_ratio(m_ours / m_raw)} | {len(t_raw)} | {diff:.1e} "
+                f"| {threshold}: {passfail(ok)} |"
+            )
+            targets.append(Target(f"fixed cost: {mode} vs its torch.func composition", title,
+                                  f"{m_ours:.3f} vs {m_raw:.3f} ms ({m_ours / m_raw:.2f}x)",
+                                  threshold, ok))  # fmt: skip
+    lines.append("")
+    return lines, targets
+
+
+# --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
 
@@ -1178,7 +1266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, build in zip(WORKLOAD_NAMES, all_workloads(args.quick), strict=True)
     ]
     jobs += [("sweep", "section", lambda peaks: chunk_sweep(s, peaks)),
-             ("budget", "section", lambda peaks: budget_check(s, peaks))]  # fmt: skip
+             ("budget", "section", lambda peaks: budget_check(s, peaks)),
+             ("overhead", "section", lambda peaks: overhead_check(s, peaks))]  # fmt: skip
     peak_notes = []
     for name, kind, job in jobs:
         if not selected(name, args.only):

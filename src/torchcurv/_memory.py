@@ -759,6 +759,17 @@ class MemoryModel:
         result = batch * self.result_bytes * (2 if chunked else 1)
         return max(0, math.ceil(self.unmargined(batch, target)) - result)
 
+    def work_of(self, batch: int, chunks: Sequence[int | None]) -> int:
+        """Bytes of one call's work, what the working-set cap bounds: its peak less its
+        result held twice, chunked or not. A chunked call holds the pieces and their
+        concatenation; an unchunked one torch.func's output and its final layout copy
+        (the per-sample cross-entropy parameter Hessian of an MLP 16-32-10 peaks at
+        7.7 MiB for a 2.9 MiB result). Copies of the result are the same in every plan,
+        so they say nothing about cache-friendliness; counting them once for unchunked
+        calls split the basis of that Hessian, which then took 1.5x raw torch.func."""
+        target = self._chunks(chunks)
+        return max(0, math.ceil(self.unmargined(batch, target)) - 2 * batch * self.result_bytes)
+
     def covers(self, budget: int) -> bool:
         """Whether the measurements reach as far as a plan within `budget` may go.
 
@@ -917,8 +928,7 @@ def fit(
                 if index == 0:
                     raise
         batched.append(bound)
-        chunked = point != sizes
-        if peak - result_bytes * (2 if chunked else 1) > cap and index < len(ladder) - 1:
+        if peak - 2 * result_bytes > cap and index < len(ladder) - 1:  # see `work_of`
             stopped = "working set"
             break
     return MemoryModel(
@@ -954,6 +964,9 @@ class Plan:
         reason: Why this plan, in a few words.
         working_set: Predicted working memory of one call.
         calls: Vectorised calls of the innermost stage over the whole batch.
+        budget_bound: Whether the budget limited the choice (a larger budget could
+            give a faster plan); when False the plan holds for any budget of at least
+            its predicted peak.
     """
 
     batch: int
@@ -963,6 +976,7 @@ class Plan:
     reason: str = ""
     working_set: int = 0
     calls: int = 0
+    budget_bound: bool = False
 
     def describe(self) -> str:
         """One line for logs and `explain`.
@@ -1007,8 +1021,9 @@ def plan(
     A plan's peak is the model's prediction for one call plus the result of the whole
     batch when the batch is split (preallocated by the runner; twice that when the
     pieces are concatenated instead, ``preallocated=False``). Among the plans that
-    fit, the planner takes the fewest vectorised calls whose working set (a call's
-    peak less its result) stays within `preferred_working_set`; ties go to larger
+    fit, the planner takes the fewest vectorised calls whose work (a call's peak less
+    its result held twice, `MemoryModel.work_of`) stays within `preferred_working_set`;
+    ties go to larger
     basis chunks (fewer forward passes), then to the smaller peak. When even one
     sample with the smallest chunks exceeds the working set, the cap is dropped and
     the fastest plan within the budget is taken.
@@ -1075,7 +1090,7 @@ def plan(
         by_budget = largest(lambda b, c=chunks: peak(b, c) <= budget)  # type: ignore[misc]
         if not by_budget:
             continue
-        by_cap = largest(lambda b, c=chunks: model.working_set_of(b, c) <= cap)  # type: ignore[misc]
+        by_cap = largest(lambda b, c=chunks: model.work_of(b, c) <= cap)  # type: ignore[misc]
         calls_per_sample = math.prod(-(-n // c) for n, c in zip(sizes, chunks, strict=True))
 
         def option(b: int, c: Chunks = chunks, k: int = calls_per_sample) -> _Option:
@@ -1108,10 +1123,12 @@ def plan(
     chosen = min(capped, key=speed) if capped else min(feasible, key=speed)
     unconstrained = min(feasible, key=speed)
     whole = chosen.batch == batch and chosen.chunks == sizes
+    bound = False
     if whole:
         reason = "fits whole"
     elif not capped:
         reason = f"one sample exceeds the {format_bytes(cap)} working set; fastest within budget"
+        bound = True
     elif speed(unconstrained) < speed(chosen):
         reason = f"capped at a working set of {format_bytes(cap)} per call"
     elif chosen.batch == most < batch and batch_limit is not None:
@@ -1123,6 +1140,7 @@ def plan(
         if chosen.chunks != sizes:
             parts.append("basis chunks")
         reason = " and ".join(parts) + " limited by the budget"
+        bound = True
     return Plan(
         chosen.batch,
         chosen.chunks,
@@ -1131,4 +1149,5 @@ def plan(
         reason,
         chosen.working_set,
         chosen.calls,
+        bound,
     )

@@ -396,9 +396,14 @@ def _plan(
     # default budget (a fraction of the memory available now) changes from call to call.
     key = (engine.name, request.order, request.randomness, axes, obj.signature(), looped)
     cache = _MODELS.setdefault(obj.module, {})
-    last = cache.get((key, "plan"))  # the last plan, for repeated calls
-    if last is not None and last[:2] == (size, budget):
-        return last[2]  # type: ignore[no-any-return]
+    # The last plan, for repeated calls: the default budget follows the memory
+    # available, so it moves a little from call to call; a plan the budget did not
+    # limit holds for every budget that covers its peak.
+    last = cache.get((key, "plan"))
+    if last is not None and last[0] == size:
+        previous: Plan = last[2]
+        if last[1] == budget or (not previous.budget_bound and previous.predicted_peak <= budget):
+            return dataclasses.replace(previous, budget=budget)
     one_at_a_time = request.randomness == "different" or looped
     batches: list[Batch] = []
 

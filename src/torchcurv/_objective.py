@@ -245,6 +245,16 @@ class Objective:
     def _objective(self, out: Any, target: Any) -> torch.Tensor:
         if self.loss is not None:
             return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
+        index = self.output
+        if (
+            isinstance(out, torch.Tensor)
+            and isinstance(index, int)
+            and not isinstance(index, bool)
+            and out.dim() >= 2
+            and out.shape[0] == 1
+            and -out.shape[1] <= index < out.shape[1]
+        ):
+            return out[0, index]  # one indexing op instead of two inside the transforms
         return _select_output(self.function, _drop_batch(self.function, out), self.output)
 
     def first_forward(self) -> FirstForward:
