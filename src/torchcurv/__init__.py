@@ -15,7 +15,9 @@ from ._modules import batch_hessian as batch_hessian
 from ._modules import explain as explain
 from ._modules import functional as functional
 from ._modules import per_sample_hessian as per_sample_hessian
+from ._modules import per_sample_hessian_diag as per_sample_hessian_diag
 from ._modules import per_sample_jacobian as per_sample_jacobian
+from ._modules import per_sample_laplacian as per_sample_laplacian
 from ._runner import initialize as initialize
 from ._runner import per_sample as per_sample
 from ._transforms import hessian as hessian
@@ -38,6 +40,9 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "functional",
     "per_sample_hessian",
     "per_sample_jacobian",
+    # per-sample quantities of the Hessian
+    "per_sample_hessian_diag",
+    "per_sample_laplacian",
     # decisions and memory
     "Decision",
     "explain",

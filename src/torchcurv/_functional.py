@@ -184,10 +184,13 @@ def functional_of(
     results stay connected to the module's autograd graph (``create_graph=True``).
     """
     names = select_names(function, module, params) if select else []
-    every = aliases(module)
-    given = {every[k]: (k, v) for k, v in params.items()} if isinstance(params, Mapping) else {}
+    given = {}
+    if isinstance(params, Mapping):
+        every = aliases(module)
+        given = {every[k]: (k, v) for k, v in params.items()}
+    named = list(module.named_parameters())
     selected = {}
-    for n, p in module.named_parameters():
+    for n, p in named:
         if n in names:
             key, value = given.get(n, (n, p))
             if not isinstance(value, torch.Tensor):
@@ -209,11 +212,7 @@ def functional_of(
             selected[n] = value if attached else value.detach().clone()
     # Copies, once per call: a forward that writes a parameter in place outside a
     # transform (the planner's probe) writes these, never the caller's.
-    fixed = {
-        n: p.clone() if attached else p.detach().clone()
-        for n, p in module.named_parameters()
-        if n not in names
-    }
+    fixed = {n: p.clone() if attached else p.detach().clone() for n, p in named if n not in names}
     buffers = {n: b.detach() for n, b in module.named_buffers()}
     target = _without_backward_hooks(module)
 

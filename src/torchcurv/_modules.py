@@ -37,6 +37,7 @@ from ._checks import (
 )
 from ._compat import tree_flatten
 from ._errors import (
+    MemoryBudgetError,
     TorchcurvError,
     TorchcurvFallbackWarning,
     argument_error,
@@ -48,6 +49,7 @@ from ._memory import (
     SAFETY_MARGIN,
     Plan,
     fit,
+    format_bytes,
     heap_reserve,
     heap_slack,
     parse_budget,
@@ -91,7 +93,9 @@ __all__ = [
     "explain",
     "functional",
     "per_sample_hessian",
+    "per_sample_hessian_diag",
     "per_sample_jacobian",
+    "per_sample_laplacian",
 ]
 
 
@@ -275,6 +279,7 @@ def _prepare(
     memory_budget: Any,
     randomness: str,
     create_graph: bool,
+    quantity: str = "hessian",
     **what: Any,
 ) -> _Call:
     """Check, build the objective, choose the engine and plan: everything but the run."""
@@ -294,6 +299,7 @@ def _prepare(
         randomness,
         _first_forward(obj).out_shape,
         numel(obj.probe_sample()[0]),
+        quantity,
     )
     engine, why_engine = choose(request, mode)
     axes = engine.axes(request)
@@ -317,6 +323,19 @@ def _prepare(
     looped = False
     try:
         chosen = _plan(request, engine, axes, size, planning_budget)
+    except MemoryBudgetError as error:
+        if planning_budget == budget:
+            raise
+        # Say which budget the user gave, and what torch's set-up left of it.
+        given = f"memory_budget of {format_bytes(budget)}"
+        left = f"{given} ({format_bytes(planning_budget)} of it left after torch's one-time "
+        raise MemoryBudgetError(
+            str(error).replace(
+                f"memory_budget of {format_bytes(planning_budget)}",
+                left + "set-up, which this call paid; see torchcurv.initialize)",
+                1,
+            )
+        ) from None
     except Exception as error:
         if "called a random operation" in str(error) and request.randomness == "error":
             raise TorchcurvError(random_error(label(function, obj.module))) from None
@@ -392,9 +411,27 @@ def _plan(
     """
     obj = request.objective
     result_bytes = _result_bytes(request)
+    if size * result_bytes > budget:  # refused before anything is measured
+        raise MemoryBudgetError(
+            f"{request.function}: memory_budget of {format_bytes(budget)} cannot be met: "
+            f"the result of all {size} samples alone takes {format_bytes(size * result_bytes)}"
+            f" ({format_bytes(result_bytes)} per sample). Pass memory_budget of at least "
+            f"{format_bytes(size * result_bytes)} plus room for the computation, fewer "
+            "samples per call, or ask for less "
+            "(a few parameters with params=, one output with output=, or a diagonal: "
+            "torchcurv.per_sample_hessian_diag)."
+        )
     # Measurements depend on the structure, shapes and options, not on the budget: the
     # default budget (a fraction of the memory available now) changes from call to call.
-    key = (engine.name, request.order, request.randomness, axes, obj.signature(), looped)
+    key = (
+        engine.name,
+        request.order,
+        request.quantity,
+        request.randomness,
+        axes,
+        obj.signature(),
+        looped,
+    )
     cache = _MODELS.setdefault(obj.module, {})
     # The last plan, for repeated calls: the default budget follows the memory
     # available, so it moves a little from call to call; a plan the budget did not
@@ -467,9 +504,11 @@ def _whole(
 
 
 def _result_bytes(request: Request) -> int:
-    """Bytes of one sample's result: ``out x in^order`` entries."""
+    """Bytes of one sample's result: ``out x in^order`` entries (``out x in`` for a
+    diagonal, ``out`` for a trace)."""
     item = itemsize(request.objective.probe_sample()[0])
-    return int(request.out_numel * request.in_numel**request.order * item)
+    power = {"hessian": request.order, "diagonal": 1, "trace": 0}[request.quantity]
+    return int(request.out_numel * request.in_numel**power * item)
 
 
 # --------------------------------------------------------------------------------------
@@ -684,9 +723,186 @@ def per_sample_jacobian(
         return _run(call)
 
 
-_EXPLAINABLE: dict[Callable[..., Any], tuple[str, int]] = {
-    per_sample_hessian: ("per_sample_hessian", 2),
-    per_sample_jacobian: ("per_sample_jacobian", 1),
+def per_sample_hessian_diag(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    wrt: Wrt = "inputs",
+    output: OutputSelection = None,
+    targets: torch.Tensor | None = None,
+    loss: LossFunction | None = None,
+    params: ParamSelection = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    mode: str = "auto",
+    chunk_size: ModuleChunk = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> Any:
+    """The diagonal of each sample's Hessian, without forming the Hessian.
+
+    The nesting of `per_sample_hessian` with diagonal leaves: ``[B, *y.shape, *x.shape]``
+    with ``wrt="inputs"`` (``*y.shape`` empty for a scalar objective);
+    ``{name: [B, *y.shape, *p.shape]}`` with ``wrt="params"``; ``{"inputs": ...,
+    "params": {...}}`` with ``wrt="both"``; a tuple for tuple `argnums`. Exact: the
+    generic engines push chunks of basis vectors ``e_i`` through the outer stage and keep
+    ``e_i^T H e_i`` of each chunk at once, so a call holds ``O(n x chunk)`` numbers per
+    sample, never ``n x n``; ``"auto"`` takes the structured engine's full Hessian and
+    its diagonal where that applies and is predicted faster. The trace of a parameter
+    Hessian is the sum of this diagonal (for input Hessians: `per_sample_laplacian`).
+
+    Args:
+        module: The model; never modified.
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        wrt: ``"inputs"``, ``"params"`` or ``"both"``.
+        output: Which output (see `per_sample_hessian`).
+        targets: One target per sample, with `loss`.
+        loss: ``loss(out, target) -> scalar``.
+        params: Which parameters, see `torchcurv.functional`.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"`` (as in
+            `per_sample_hessian`).
+        chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
+            outer)``; the outer axis runs over the input's ``n`` basis vectors.
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: As in `per_sample_hessian`: True keeps the results differentiable.
+
+    Returns:
+        The per-sample Hessian diagonals, batch dim first.
+
+    Raises:
+        UnsupportedModuleError: As `per_sample_hessian`.
+        MemoryBudgetError: If the budget cannot be met even with chunks of one.
+        TorchcurvError: For bad arguments.
+
+    Example:
+        Output ``i`` of ``x * x * [0, 1, 2, 3]`` has the Hessian ``2 i e_i e_i^T``:
+
+        >>> import torch, torchcurv
+        >>> class Quadratic(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * x * torch.arange(4, dtype=x.dtype)
+        >>> X = torch.randn(2, 4, dtype=torch.float64)
+        >>> d = torchcurv.per_sample_hessian_diag(Quadratic(), X)
+        >>> d.shape
+        torch.Size([2, 4, 4])
+        >>> torch.equal(d[0], torch.diag(2.0 * torch.arange(4, dtype=torch.float64)))
+        True
+    """
+    name = "per_sample_hessian_diag"
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            quantity="diagonal",
+            wrt=wrt,
+            params=params,
+            output=output,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
+            argnums=argnums,
+        )
+        return _run(call)
+
+
+def per_sample_laplacian(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    output: OutputSelection = None,
+    targets: torch.Tensor | None = None,
+    loss: LossFunction | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    mode: str = "auto",
+    chunk_size: ModuleChunk = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> Any:
+    """The Laplacian of each sample's output: the trace of its input Hessian.
+
+    ``[B]`` for a scalar objective, ``[B, *y.shape]`` otherwise (a ``Linear(., 1)``
+    head without ``output=0`` gives ``[B, 1]``, as `per_sample_hessian` gives
+    ``[B, 1, n, n]`` there). With several differentiated inputs (tuple `argnums`) the
+    trace runs over all of their entries. Exact, computed as
+    `per_sample_hessian_diag` is (each chunk of basis vectors reduced at once), summed.
+
+    Args:
+        module: The model; never modified.
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        output: Which output (see `per_sample_hessian`).
+        targets: One target per sample, with `loss`.
+        loss: ``loss(out, target) -> scalar``.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``.
+        chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
+            outer)``.
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: True keeps the results differentiable (a PINN loss on the
+            Laplacian trains the module's parameters).
+
+    Returns:
+        The per-sample Laplacians, batch dim first.
+
+    Raises:
+        UnsupportedModuleError: As `per_sample_hessian`.
+        MemoryBudgetError: If the budget cannot be met even with chunks of one.
+        TorchcurvError: For bad arguments.
+
+    Example:
+        Output ``i`` of ``x * x * [0, 1, 2, 3]`` has the Laplacian ``2 i``:
+
+        >>> import torch, torchcurv
+        >>> class Quadratic(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * x * torch.arange(4, dtype=x.dtype)
+        >>> X = torch.randn(3, 4, dtype=torch.float64)
+        >>> torchcurv.per_sample_laplacian(Quadratic(), X)[0]
+        tensor([0., 2., 4., 6.], dtype=torch.float64)
+    """
+    name = "per_sample_laplacian"
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            quantity="trace",
+            wrt="inputs",
+            params=None,
+            output=output,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
+            argnums=argnums,
+        )
+        return _run(call)
+
+
+_EXPLAINABLE: dict[Callable[..., Any], tuple[str, int, str]] = {
+    per_sample_hessian: ("per_sample_hessian", 2, "hessian"),
+    per_sample_jacobian: ("per_sample_jacobian", 1, "hessian"),
+    per_sample_hessian_diag: ("per_sample_hessian_diag", 2, "diagonal"),
+    per_sample_laplacian: ("per_sample_laplacian", 2, "trace"),
 }
 
 
@@ -700,7 +916,9 @@ def explain(
     chunk sizes to measure its memory), and returns the decision.
 
     Args:
-        function: `torchcurv.per_sample_hessian` or `torchcurv.per_sample_jacobian`.
+        function: A module-level function: `torchcurv.per_sample_hessian`,
+            `torchcurv.per_sample_jacobian`, `torchcurv.per_sample_hessian_diag` or
+            `torchcurv.per_sample_laplacian`.
         module: The model, as for `function`.
         inputs: The batch, as for `function`.
         **options: The keyword arguments of `function`.
@@ -730,9 +948,10 @@ def explain(
             "function",
             "must be a module-level torchcurv function",
             function,
-            "Pass torchcurv.per_sample_hessian or torchcurv.per_sample_jacobian.",
+            "Pass torchcurv.per_sample_hessian, per_sample_jacobian, "
+            "per_sample_hessian_diag or per_sample_laplacian.",
         )
-    name, order = _EXPLAINABLE[function]
+    name, order, quantity = _EXPLAINABLE[function]
     create_graph = options.pop("create_graph", False)
     defaults: dict[str, Any] = {
         "mode": "auto",
@@ -741,11 +960,20 @@ def explain(
         "randomness": "error",
     }
     plan_options = {k: options.pop(k, v) for k, v in defaults.items()}
+    inputs_only = quantity == "trace"  # per_sample_laplacian takes no wrt, no params
     what = {
         k: options.pop(k, None)
-        for k in ("params", "output", "loss", "targets", "kwargs", "argnums")
+        for k in (
+            "output",
+            "loss",
+            "targets",
+            "kwargs",
+            "argnums",
+            *(() if inputs_only else ("params",)),
+        )
     }
-    what["wrt"] = options.pop("wrt", "inputs")
+    what["wrt"] = "inputs" if inputs_only else options.pop("wrt", "inputs")
+    what.setdefault("params", None)
     if options:
         argument_error(
             "explain",
@@ -761,6 +989,7 @@ def explain(
             inputs,
             order=order,
             create_graph=create_graph,
+            quantity=quantity,
             **plan_options,
             **what,
         ).decision

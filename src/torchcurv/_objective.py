@@ -62,22 +62,26 @@ def module_state(module: nn.Module) -> tuple[Any, ...]:
     identity, shape, dtype, device and ``requires_grad`` of every parameter and buffer
     (not their values: a training step that updates weights in place keeps the caches).
     """
-    modules = tuple(
-        (
-            m.training,
-            tuple(m._forward_hooks),
-            tuple(m._forward_pre_hooks),
-            tuple(m._backward_hooks),
-            tuple(m._backward_pre_hooks),
+    # One walk over the submodules, reading their dictionaries directly (the
+    # named_* iterators build prefixed names and deduplicate: 3x slower on small models).
+    state: list[Any] = [tuple(global_module_hooks())]
+    for m in module.modules():
+        state.append(
+            (
+                m.training,
+                tuple(m._forward_hooks),
+                tuple(m._forward_pre_hooks),
+                tuple(m._backward_hooks),
+                tuple(m._backward_pre_hooks),
+                tuple(
+                    (n, id(t), t.shape, t.dtype, t.device, t.requires_grad)
+                    for tensors in (m._parameters, m._buffers)
+                    for n, t in tensors.items()
+                    if t is not None
+                ),
+            )
         )
-        for m in module.modules()
-    )
-    tensors = tuple(
-        (n, id(t), t.shape, t.dtype, t.device, t.requires_grad)
-        for named in (module.named_parameters(), module.named_buffers())
-        for n, t in named
-    )
-    return modules, tensors, tuple(global_module_hooks())
+    return tuple(state)
 
 
 def _select_output(function: str, out: Any, output: OutputSelection) -> torch.Tensor:

@@ -58,6 +58,7 @@ __all__ = [
     "JACOBIAN_MODES",
     "hessian",
     "hessian_basis_sizes",
+    "hessian_diagonal",
     "hvp",
     "jacobian",
     "numel",
@@ -616,6 +617,86 @@ def hessian(
     inner_mode, outer_mode = HESSIAN_STAGES[mode]
     inner = _jacobian(func, argnums, inner_mode, inner_chunk, has_aux, randomness, name)
     return _jacobian(inner, argnums, outer_mode, outer_chunk, has_aux, randomness, name)
+
+
+# --------------------------------------------------------------------------------------
+# the Hessian's diagonal, one basis chunk at a time
+# --------------------------------------------------------------------------------------
+
+
+def hessian_diagonal(
+    func: Callable[..., Any],
+    argnums: int = 0,
+    *,
+    mode: str = "fwd-over-rev",
+    chunk_size: tuple[int | None, int | None] = (None, None),
+    randomness: str = "error",
+    trace: bool = False,
+) -> Callable[..., Any]:
+    """The diagonal of the Hessian of a tensor-valued `func` with respect to the pytree
+    at `argnums` (or its trace, ``trace=True``), without forming the Hessian.
+
+    The outer stage pushes the input's standard basis through, a chunk of vectors ``v``
+    at a time (`_map_basis`), and reduces each chunk at once to ``v^T H_y v`` for every
+    output entry ``y``: a forward outer stage takes the Jacobian-vector product of the
+    inner Jacobian (``H_y v`` for all ``y``), a reverse one the Jacobian of
+    ``J(x) v``; either way the chunk keeps ``[chunk, Y]`` numbers, never ``Y x N x N``.
+    For a one-hot ``v = e_i`` that is the diagonal entry ``H_y[i, i]``.
+
+    Returns a function of `func`'s arguments giving ``y.shape + x.shape`` per leaf ``x``
+    of the differentiated pytree (nested like it), or ``y.shape`` for the trace.
+    Argument checks are the caller's (the module-level functions make them).
+    """
+    name = "hessian_diagonal"
+    inner_mode, outer_mode = HESSIAN_STAGES[mode]
+    inner_chunk, outer_chunk = chunk_size
+    inner = _jacobian(func, argnums, inner_mode, inner_chunk, False, randomness, name)
+
+    def diagonal(*args: Any) -> Any:
+        with DERIVATIVE_LOCK, corrected_ops():
+            flat_in, in_spec = tree_flatten(args[argnums])
+            shapes: list[tuple[int, ...]] = []
+
+            def flat_jacobian(x: Any) -> torch.Tensor:
+                """The inner Jacobian at `x` as ``[Y, N]``."""
+                jac = inner(*args[:argnums], x, *args[argnums + 1 :])
+                leaves = tree_flatten(jac)[0]
+                rows = leaves[0].numel() // max(flat_in[0].numel(), 1) if leaves else 0
+                if not shapes:
+                    shapes.append(tuple(leaves[0].shape[: leaves[0].dim() - flat_in[0].dim()]))
+                return torch.cat([leaf.reshape(rows, -1) for leaf in leaves], dim=-1)
+
+            def quadratic(*basis: torch.Tensor) -> torch.Tensor:
+                """``v^T H_y v`` for every output entry ``y``, for one basis vector ``v``."""
+                tangent = tree_unflatten(list(basis), in_spec)
+                v = torch.cat([b.reshape(-1) for b in basis])
+                column: torch.Tensor
+                if outer_mode == "fwd":
+                    column = torch.func.jvp(flat_jacobian, (args[argnums],), (tangent,))[1]
+                else:
+                    rows = torch.func.jacrev(lambda x: flat_jacobian(x) @ v)(args[argnums])
+                    column = torch.cat(
+                        [r.reshape(r.shape[0], -1) for r in tree_flatten(rows)[0]], dim=-1
+                    )
+                quadratic_form: torch.Tensor = column @ v
+                return quadratic_form
+
+            quads = _map_basis(quadratic, flat_in, outer_chunk, randomness, name)  # [N, Y]
+            if not shapes:  # no basis vectors: an empty input
+                out = func(*args)
+                shapes.append(tuple(out.shape))
+            y_shape = shapes[0]
+            if trace:
+                return quads.sum(0).reshape(y_shape)
+            per_y = quads.transpose(0, 1) if quads.dim() == 2 else quads
+            leaves, offset = [], 0
+            for leaf in flat_in:
+                size = leaf.numel()
+                leaves.append(per_y[..., offset : offset + size].reshape(*y_shape, *leaf.shape))
+                offset += size
+            return tree_unflatten(leaves, in_spec)
+
+    return diagonal
 
 
 # --------------------------------------------------------------------------------------

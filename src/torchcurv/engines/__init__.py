@@ -54,6 +54,9 @@ class Request:
         randomness: ``"error"``, ``"different"`` or ``"same"``.
         out_shape: Shape of one sample's differentiated output (``()`` for a scalar).
         in_numel: Entries of one sample's differentiated pytree.
+        quantity: What of the second derivative (order 2): ``"hessian"`` (the whole
+            matrix), ``"diagonal"`` or ``"trace"``, reduced as each basis chunk is
+            computed.
     """
 
     function: str
@@ -62,6 +65,7 @@ class Request:
     randomness: str
     out_shape: tuple[int, ...]
     in_numel: int
+    quantity: str = "hessian"
 
     @property
     def out_numel(self) -> int:

@@ -26,6 +26,7 @@ from .._transforms import (
     HESSIAN_STAGES,
     hessian,
     hessian_basis_sizes,
+    hessian_diagonal,
     jacobian,
     probing,
     vectorised_chunks,
@@ -131,13 +132,23 @@ class GenericEngine:
         m, n = request.out_numel, request.in_numel
         if self.order == 1:
             return (n if self.mode == "fwd" else m,)
-        return hessian_basis_sizes(self.mode, m, n)
+        inner, outer = hessian_basis_sizes(self.mode, m, n)
+        # A diagonal or a trace pushes the input's basis through the outer stage.
+        return (inner, outer) if request.quantity == "hessian" else (inner, n)
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
         inner = "error" if request.randomness == "error" else "same"
         whole = all(c is None or c >= a for c, a in zip(chunks, self.axes(request), strict=True))
-        if whole and request.out_numel and request.in_numel:
+        if request.quantity != "hessian":
+            transform = hessian_diagonal(
+                obj.per_sample,
+                mode=self.mode,
+                chunk_size=(chunks[0], chunks[1]),
+                randomness=inner,
+                trace=request.quantity == "trace",
+            )
+        elif whole and request.out_numel and request.in_numel:
             # Unchunked: torch.func's own composition, which the objective's forward
             # routes itself (`torchcurv.functional`): nothing added to raw torch.func.
             stages = (self.mode,) if self.order == 1 else HESSIAN_STAGES[self.mode]

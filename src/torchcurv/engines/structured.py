@@ -1150,6 +1150,12 @@ class StructuredEngine:
             except TorchcurvError as error:
                 text = str(error).replace(f"{_FN}:", f"{request.function}:", 1)
                 raise type(error)(text) from None
-            return hess.reshape(x.shape[0], *request.out_shape, *features, *features)
+            if request.quantity == "hessian":
+                return hess.reshape(x.shape[0], *request.out_shape, *features, *features)
+            n = math.prod(features)
+            diagonal = hess.reshape(x.shape[0], -1, n, n).diagonal(dim1=2, dim2=3)
+            if request.quantity == "trace":
+                return diagonal.sum(-1).reshape(x.shape[0], *request.out_shape)
+            return diagonal.reshape(x.shape[0], *request.out_shape, *features)
 
         return Work(batched)

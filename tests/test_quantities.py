@@ -1,0 +1,204 @@
+"""Per-sample quantities of the Hessian: its diagonal and its trace (the Laplacian).
+
+Each is checked in float64 against the full per-sample Hessian reduced (itself checked
+against the loop oracle elsewhere, and here once more against autograd's double
+backward), against closed forms, on every engine and chunking, and through
+``create_graph=True`` against the gradient of the reduced full Hessian.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchcurv
+from torchcurv import reference
+from torchcurv.testing import assert_trees_close
+
+D = torch.float64
+MODES = ("auto", "fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd")
+CHUNKS: tuple[Any, ...] = (None, (2, 1, 2), (3, None, 1))
+
+
+class Quadratic(nn.Module):
+    """``x * x * [0, 1, ..., n-1]``: output ``i`` has the Hessian ``2 i e_i e_i^T``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x * torch.arange(x.shape[-1], dtype=x.dtype)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 2), nn.Tanh()
+    )
+
+
+def _diagonal(block: torch.Tensor, y_dims: int, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """``[B, *y, *x, *x] -> [B, *y, *x]``: the diagonal of each sample's block."""
+    lead = block.shape[: 1 + y_dims]
+    n = math.prod(x_shape)
+    return block.reshape(*lead, n, n).diagonal(dim1=-2, dim2=-1).reshape(*lead, *x_shape)
+
+
+def _full_diagonal(H: Any, wrt: str, model: nn.Module, X: torch.Tensor, y_dims: int) -> Any:
+    """The diagonal leaves of a nested per-sample Hessian."""
+    x_shape = tuple(X.shape[1:])
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if wrt == "inputs":
+        return _diagonal(H, y_dims, x_shape)
+    if wrt == "params":
+        return {n: _diagonal(H[n][n], y_dims, shapes[n]) for n in H}
+    params = {n: _diagonal(H["params"][n]["params"][n], y_dims, shapes[n]) for n in H["params"]}
+    return {"inputs": _diagonal(H["inputs"]["inputs"], y_dims, x_shape), "params": params}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_closed_form_diagonal_and_laplacian(mode: str) -> None:
+    X = torch.randn(3, 4, dtype=D)
+    expected = torch.diag(2.0 * torch.arange(4, dtype=D)).expand(3, 4, 4)
+    assert_trees_close(torchcurv.per_sample_hessian_diag(Quadratic(), X, mode=mode), expected)
+    laplacian = torchcurv.per_sample_laplacian(Quadratic(), X, mode=mode)
+    assert_trees_close(laplacian, torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=D).expand(3, 4))
+    one = torchcurv.per_sample_laplacian(Quadratic(), X, output=2, mode=mode)
+    assert one.shape == (3,)
+    assert_trees_close(one, torch.full((3,), 4.0, dtype=D))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("wrt", "selection"),
+    [
+        ("inputs", {"output": 1}),
+        ("inputs", {}),
+        ("params", {"output": 0}),
+        ("params", {"loss": F.cross_entropy}),
+        ("both", {"loss": F.cross_entropy}),
+    ],
+    ids=["inputs-output1", "inputs-all", "params-output0", "params-ce", "both-ce"],
+)
+def test_mlp_diagonal_equals_the_full_hessians(
+    wrt: str, selection: dict[str, Any], mode: str, chunk: Any
+) -> None:
+    model = mlp().to(D)
+    X = torch.randn(5, 3, dtype=D)
+    if "loss" in selection:
+        selection = {**selection, "targets": torch.tensor([0, 1, 1, 0, 1])}
+    y_dims = 0 if selection else 1
+    full = torchcurv.per_sample_hessian(model, X, wrt=wrt, chunk_size=None, **selection)
+    expected = _full_diagonal(full, wrt, model, X, y_dims)
+    diag = torchcurv.per_sample_hessian_diag(
+        model, X, wrt=wrt, mode=mode, chunk_size=chunk, **selection
+    )
+    assert_trees_close(diag, expected)
+    if wrt == "inputs":
+        laplacian = torchcurv.per_sample_laplacian(
+            model, X, mode=mode, chunk_size=chunk, **selection
+        )
+        assert_trees_close(laplacian, expected.sum(-1))
+
+
+def test_the_reduced_full_hessian_agrees_with_the_loop_oracle() -> None:
+    model, X = cnn().to(D), torch.randn(2, 1, 5, 5, dtype=D)
+    diag = torchcurv.per_sample_hessian_diag(model, X, output=1)
+    for i, x in enumerate(X):
+        H = reference.hessian(lambda x: model(x[None])[0, 1])(x)
+        assert_trees_close(diag[i], H.reshape(25, 25).diagonal().reshape(1, 5, 5))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [None, (1, 1, 7)], ids=str)
+def test_cnn_diagonal_and_laplacian_equal_the_full_hessian(mode: str, chunk: Any) -> None:
+    model, X = cnn().to(D), torch.randn(3, 1, 5, 5, dtype=D)
+    full = torchcurv.per_sample_hessian(model, X, chunk_size=None)  # [3, 2, 1, 5, 5, 1, 5, 5]
+    expected = _diagonal(full, 1, (1, 5, 5))
+    diag = torchcurv.per_sample_hessian_diag(model, X, mode=mode, chunk_size=chunk)
+    assert diag.shape == (3, 2, 1, 5, 5)
+    assert_trees_close(diag, expected)
+    laplacian = torchcurv.per_sample_laplacian(model, X, mode=mode, chunk_size=chunk)
+    assert_trees_close(laplacian, expected.sum((-3, -2, -1)))
+
+
+def test_the_structured_engine_serves_diagonals_and_laplacians() -> None:
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).to(D)
+    X = torch.randn(32, 6, dtype=D)
+    full = torchcurv.per_sample_hessian(model, X, output=0, mode="fwd-over-rev")
+    for function in (torchcurv.per_sample_hessian_diag, torchcurv.per_sample_laplacian):
+        decision = torchcurv.explain(function, model, X, output=0)
+        assert decision.engine == "structured", decision
+        result = function(model, X, output=0, mode="structured")
+        diagonal = full.diagonal(dim1=1, dim2=2)
+        expected = diagonal if function is torchcurv.per_sample_hessian_diag else diagonal.sum(-1)
+        assert_trees_close(result, expected)
+
+
+def test_tuple_argnums_give_a_tuple_of_diagonals_and_one_trace() -> None:
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (torch.sin(a).sum(-1) * torch.cos(b).sum(-1) + (a * a).sum(-1))[:, None]
+
+    A, Bt = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    full = torchcurv.per_sample_hessian(Two(), (A, Bt), argnums=(0, 1), output=0)
+    diag = torchcurv.per_sample_hessian_diag(Two(), (A, Bt), argnums=(0, 1), output=0)
+    assert isinstance(diag, tuple)
+    assert len(diag) == 2
+    assert_trees_close(diag[0], full[0][0].diagonal(dim1=1, dim2=2))
+    assert_trees_close(diag[1], full[1][1].diagonal(dim1=1, dim2=2))
+    laplacian = torchcurv.per_sample_laplacian(Two(), (A, Bt), argnums=(0, 1), output=0)
+    assert_trees_close(laplacian, diag[0].sum(-1) + diag[1].sum(-1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd-over-rev", "rev-over-rev"])
+def test_gradients_through_the_laplacian_equal_those_of_the_full_trace(mode: str) -> None:
+    model = mlp().to(D)
+    X = torch.randn(4, 3, dtype=D)
+    laplacian = torchcurv.per_sample_laplacian(model, X, output=0, mode=mode, create_graph=True)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(
+        laplacian.pow(2).sum(), params, allow_unused=True, materialize_grads=True
+    )
+    H = torchcurv.per_sample_hessian(model, X, output=0, create_graph=True)
+    expected = torch.autograd.grad(
+        H.diagonal(dim1=1, dim2=2).sum(-1).pow(2).sum(),
+        params,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    assert_trees_close(list(grads), list(expected))
+
+
+def test_explain_shows_the_quantity_plan_and_refuses_options_it_does_not_take() -> None:
+    model, X = cnn(), torch.randn(4, 1, 5, 5)
+    decision = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, output=0)
+    assert decision.function == "per_sample_laplacian"
+    assert decision.engine == "fwd-over-rev"
+    assert decision.basis_sizes == (1, 25)  # the outer stage runs over the 25 inputs
+    small = torchcurv.explain(
+        torchcurv.per_sample_hessian_diag, model, X, output=0, memory_budget=200_000
+    )
+    assert small.predicted_peak is not None
+    assert small.predicted_peak <= small.budget
+    diag = torchcurv.per_sample_hessian_diag(model, X, output=0, memory_budget=200_000)
+    assert_trees_close(diag, torchcurv.per_sample_hessian_diag(model, X, output=0))
+    with pytest.raises(torchcurv.TorchcurvError, match=r"does not take.*'wrt'"):
+        torchcurv.explain(torchcurv.per_sample_laplacian, model, X, wrt="params")
+    with pytest.raises(TypeError, match="wrt"):
+        torchcurv.per_sample_laplacian(model, X, wrt="params")  # type: ignore[call-arg]
+
+
+def test_empty_batches_give_empty_quantities() -> None:
+    model = mlp().to(D)
+    X = torch.randn(0, 3, dtype=D)
+    assert torchcurv.per_sample_hessian_diag(model, X).shape == (0, 2, 3)
+    assert torchcurv.per_sample_laplacian(model, X, output=0).shape == (0,)
