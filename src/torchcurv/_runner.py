@@ -621,10 +621,17 @@ def measure_work(
         assert work.single is not None
         run, args = work.single, batch.select(0)
     with DERIVATIVE_LOCK, torch.random.fork_rng(devices=cuda_devices(batch.leaves)):
-        if chunks is None:
-            return measure_peak(run, *args)
-        with probing():
-            return measure_peak(run, *args)
+        try:
+            if chunks is None:
+                return measure_peak(run, *args)
+            with probing():
+                return measure_peak(run, *args)
+        finally:
+            # Free heap pages back to the OS: a measurement's freed memory would
+            # otherwise stay resident under the next one (the planning of an LSTM's
+            # parameter Hessian retained 78 MiB over 14 measurements, its peak 199 MiB
+            # for a 128 MiB budget).
+            release_free_memory()
 
 
 def result_bytes(result: Any, length: int) -> int:
