@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._checks import check_module
 from ._compat import global_module_hooks, tree_map
@@ -177,11 +178,22 @@ def functional_of(
     *,
     select: bool = True,
     attached: bool = False,
+    aliased: bool = False,
+    routing: Callable[[], bool] | None = None,
 ) -> tuple[Callable[..., Any], dict[str, torch.Tensor]]:
     """`functional` without the module check; ``select=False`` fixes every parameter.
 
     ``attached=True`` uses the parameters themselves instead of detached copies, so that
     results stay connected to the module's autograd graph (``create_graph=True``).
+    ``aliased=True`` reads the parameters and buffers through detached aliases and
+    passes the inputs as they come (no copies; the aliases are made once and valid for
+    repeated calls: an optimizer's in-place update is seen): for callers that ran the
+    forward once on copies, found it writes no parameter, and pass their own copies of
+    the buffers and inputs it writes (`torchcurv._objective.Objective`). A write the
+    first forward did not show is met inside the transforms by torch.func's "mutate a
+    captured Tensor" error, reported as the in-place write it is. ``routing``, when
+    given, says at each call whether to route the forward (`corrected_ops`); a caller
+    whose first forward called no routed op skips the mode.
     """
     names = select_names(function, module, params) if select else []
     given = {}
@@ -209,24 +221,38 @@ def functional_of(
                     value,
                     f"Pass a tensor shaped like module.get_parameter({n!r}).",
                 )
-            selected[n] = value if attached else value.detach().clone()
+            alias = value if attached else value.detach()
+            selected[n] = alias if attached or aliased else alias.clone()
     # Copies, once per call: a forward that writes a parameter in place outside a
-    # transform (the planner's probe) writes these, never the caller's.
-    fixed = {n: p.clone() if attached else p.detach().clone() for n, p in named if n not in names}
+    # transform writes these, never the caller's.
+    fixed = {
+        n: p.clone() if attached else p.detach() if aliased else p.detach().clone()
+        for n, p in named
+        if n not in names
+    }
     buffers = {n: b.detach() for n, b in module.named_buffers()}
+    copied = not aliased
     target = _without_backward_hooks(module)
 
     def fn(params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        # Buffers and inputs are copied on every call, inside any enclosing transform,
-        # so a forward that edits them in place edits its own copies (never the
-        # caller's tensors, and no "mutate a captured tensor" error under torch.func).
+        # Inputs and buffers (unless aliased) are copied on every call, inside any
+        # enclosing transform, so a forward that edits them in place edits its own
+        # copies (never the caller's tensors, and no "mutate a captured tensor" error
+        # under torch.func).
         _refuse_global_backward_hooks(function)
-        state = {**fixed, **{n: b.clone() for n, b in buffers.items()}, **params}
-        if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+        state = {**fixed, **({n: b.clone() for n, b in buffers.items()} if copied else buffers)}
+        state.update(params)
+        if not copied:
+            pass  # the caller copies the inputs the forward writes
+        elif kwargs or not all(isinstance(a, torch.Tensor) for a in args):
             args, kwargs = tree_map(_copy, (args, kwargs))
         else:
             args = tuple(a.clone() for a in args)
         try:
+            if routing is not None and not routing():
+                return torch.func.functional_call(
+                    target, state, args, kwargs, tie_weights=True, strict=False
+                )
             with corrected_ops(), discarding_running_updates():
                 return torch.func.functional_call(
                     target, state, args, kwargs, tie_weights=True, strict=False
@@ -235,15 +261,50 @@ def functional_of(
             if "would mutate a captured Tensor" not in str(error):
                 raise
             op = re.search(r"\((aten::[^)]*)\)", str(error))
-            raise TorchcurvError(
-                f"{function}: the forward of {type(module).__name__} writes in place "
-                f"({op.group(1) if op else 'an in-place op'}) into a parameter or another "
-                "tensor it captures, and torchcurv never writes the caller's tensors. Do "
-                "that write outside the forward (e.g. clamp the weights after the "
-                "optimizer step), or write out of place."
-            ) from None
+            message = in_place_message(function, module, op.group(1) if op else None)
+            raise TorchcurvError(message) from None
 
     return fn, selected
+
+
+def in_place_message(function: str, module: nn.Module, op: str | None) -> str:
+    """The refusal of a forward that writes a parameter (or a captured tensor) in place."""
+    return (
+        f"{function}: the forward of {type(module).__name__} writes in place "
+        f"({op or 'an in-place op'}) into a parameter or another tensor it captures, "
+        "and torchcurv never writes the caller's tensors. Do that write outside the "
+        "forward (e.g. clamp the weights after the optimizer step), or write out of place."
+    )
+
+
+class InPlaceWrites(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Records (``.op``) the first op that writes into a tensor whose storage is one of
+    `storages` (data pointers)."""
+
+    def __init__(self, storages: set[int]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.storages = storages
+        self.op: str | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.op is None and func._schema.is_mutable:
+            written = [
+                value
+                for argument, value in zip(func._schema.arguments, args, strict=False)
+                if argument.alias_info is not None and argument.alias_info.is_write
+            ]
+            written += [
+                kwargs[a.name]
+                for a in func._schema.arguments
+                if a.name in kwargs and a.alias_info is not None and a.alias_info.is_write
+            ]
+            if any(
+                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages
+                for t in written
+            ):
+                self.op = f"aten::{func._schema.name.split('::')[-1]}"
+        return func(*args, **kwargs)
 
 
 def _refuse_global_backward_hooks(function: str) -> None:

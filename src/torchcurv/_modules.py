@@ -14,13 +14,14 @@ the results carry gradients to them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ from ._checks import (
     check_module_chunk,
     check_randomness,
 )
-from ._compat import tree_flatten
+from ._compat import DERIVATIVE_LOCK, tree_flatten
 from ._errors import (
     MemoryBudgetError,
     TorchcurvError,
@@ -60,11 +61,14 @@ from ._objective import (
     Objective,
     itemsize,
     label,
+    module_state,
     numel,
     per_sample_objective,
+    usable,
 )
 from ._runner import (
     Batch,
+    Work,
     budget_after_setup,
     cuda_devices,
     measure_work,
@@ -155,19 +159,126 @@ class _Call:
     engine: Engine
     decision: Decision
     size: int
+    template: _Template | None = None
 
 
-@contextmanager
-def _grad_mode(function: str, create_graph: bool) -> Iterator[None]:
+class _Template:
+    """What a module-level call prepared that its repeats can reuse: the checked
+    objective (stripped of its inputs, so it holds no batch alive), the request, the
+    engine and its works, valid while the module's state (`module_state`) is unchanged.
+
+    The objective reads the parameters and buffers through aliases, so a training step
+    that updates them in place is seen; a replaced parameter, a ``.data`` swap, a
+    hook, ``train()``/``eval()`` change the state and the call is prepared anew.
+    """
+
+    def __init__(self, state: tuple[Any, ...], request: Request, engine: Engine, why: str,
+                 axes: tuple[int, ...], first: FirstForward,
+                 chunks: tuple[Any, tuple[Any, ...]]) -> None:  # fmt: skip
+        obj = copy.copy(request.objective)
+        obj.xs = tuple(x.new_empty((0, *x.shape[1:])) for x in obj.xs)
+        if obj.targets is not None:
+            obj.targets = obj.targets.new_empty((0, *obj.targets.shape[1:]))
+        self.state, self.engine, self.why, self.axes, self.first = state, engine, why, axes, first
+        self.chunks = chunks
+        self.request = dataclasses.replace(request, objective=obj)
+        self._works: dict[tuple[int | None, ...], Work] = {}
+
+    def request_for(self, inputs: Any, targets: torch.Tensor | None) -> Request:
+        """The request for a new batch of the same signature (already checked)."""
+        model = self.request.objective
+        obj = Objective.__new__(Objective)  # a copy (copy.copy takes 3x as long)
+        obj.__dict__.update(model.__dict__)
+        obj.xs = tuple(usable(x, False) for x in as_tuple(inputs))
+        obj.targets = None if targets is None else usable(targets, False)
+        _check_class_targets(obj, self.first.classes)
+        r = self.request
+        return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel, r.quantity)
+
+    def work(self, chunks: tuple[int | None, ...]) -> Work:
+        work = self._works.get(chunks)
+        if work is None:
+            work = self._works[chunks] = self.engine.work(self.request, chunks)
+        return work
+
+
+# Templates per module and call key (weakly keyed by the module; a few per module).
+_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict[Any, _Template]] = (
+    weakref.WeakKeyDictionary()
+)
+_TEMPLATES_PER_MODULE = 8
+
+
+def _tensor_key(x: Any) -> tuple[Any, ...]:
+    return (type(x), x.shape, x.dtype, x.device, x.layout, x.requires_grad, x.is_inference())
+
+
+def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) -> Any:
+    """The key of a call's template: everything its preparation checked or derived
+    from (the options, the shapes, dtypes and devices of the inputs and targets), or
+    None for calls that are prepared anew each time (kwargs, parameter values or tensor
+    indices given, ``create_graph=True``, arguments that are not as expected)."""
+    xs = as_tuple(inputs)
+    targets, output, params = what.get("targets"), what.get("output"), what.get("params")
+    if (
+        what.get("kwargs")
+        or not isinstance(xs, tuple)
+        or not all(isinstance(x, torch.Tensor) for x in xs)
+        or not (targets is None or isinstance(targets, torch.Tensor))
+        or not (params is None or isinstance(params, str) or (
+            isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params)))
+        or not (output is None or callable(output) or _plain_index(output))
+    ):  # fmt: skip
+        return None
+    key = (
+        settings,
+        what.get("wrt"),
+        params if params is None or isinstance(params, str) else ("names", *params),
+        output if callable(output) else repr(output),
+        what.get("loss"),
+        what.get("argnums"),
+        tuple(_tensor_key(x) for x in xs),
+        None if targets is None else _tensor_key(targets),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _plain_index(output: Any) -> bool:
+    """An index whose repr is the whole index: ints, slices, Ellipsis and tuples of them."""
+    if isinstance(output, tuple):
+        return all(_plain_index(o) for o in output)
+    return (isinstance(output, int) or output is Ellipsis or isinstance(output, slice)) and (
+        not isinstance(output, slice)
+        or all(v is None or isinstance(v, int) for v in (output.start, output.stop, output.step))
+    )
+
+
+def as_tuple(inputs: Any) -> Any:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+
+
+def _grad_mode(function: str, create_graph: bool) -> Any:
     """Grad on, inference mode off, for the derivative; refuse create_graph without grad."""
     check_flag(function, "create_graph", create_graph)
-    if create_graph and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()):
-        context = "inference_mode" if torch.is_inference_mode_enabled() else "no_grad"
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    if create_graph and (inference or not grad):
+        context = "inference_mode" if inference else "no_grad"
         raise TorchcurvError(
             f"{function}: create_graph=True needs grad mode, got a call under "
             f"torch.{context}(). Call it outside that context, or pass "
             "create_graph=False (the derivatives are still computed, detached)."
         )
+    if grad and not inference:
+        return nullcontext()  # already so (the usual case): no context to enter
+    return _grad_on()
+
+
+@contextmanager
+def _grad_on() -> Iterator[None]:
     with torch.inference_mode(False), torch.enable_grad():
         yield
 
@@ -282,27 +393,58 @@ def _prepare(
     quantity: str = "hessian",
     **what: Any,
 ) -> _Call:
-    """Check, build the objective, choose the engine and plan: everything but the run."""
+    """Check, build the objective, choose the engine and plan: everything but the run.
+
+    A repeated call (same options, shapes and module state) reuses what its first call
+    prepared (`_Template`): only the plan of an ``"auto"`` chunk size is looked up again
+    (the default budget follows the memory available).
+    """
+    settings = (function, order, mode, chunk_size, memory_budget, randomness, quantity)
+    key = None if create_graph else _template_key(inputs, settings, what)
+    templates = None if key is None else _TEMPLATES.get(module)
+    template = None if templates is None else templates.get(key)
+    if template is not None and template.state == module_state(module):
+        batch_chunk, axis_chunks = template.chunks
+        request = template.request_for(inputs, what["targets"])
+        return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, order)
     randomness = check_randomness(function, randomness, BATCH_RANDOMNESS)
     planning_budget = None
     if memory_budget is not None:  # before the first forward and the probes
         planning_budget = budget_after_setup(function, memory_budget, inputs)
-    obj, size = per_sample_objective(
+    obj, _ = per_sample_objective(
         function, module, inputs, randomness, create_graph=create_graph, **what
     )
+    first = _first_forward(obj)
     request = Request(
-        function,
-        obj,
-        order,
-        randomness,
-        _first_forward(obj).out_shape,
-        numel(obj.probe_sample()[0]),
-        quantity,
+        function, obj, order, randomness, first.out_shape, numel(obj.probe_sample()[0]), quantity
     )
     engine, why_engine = choose(request, mode)
     axes = engine.axes(request)
+    template = _Template(
+        obj.signature()[0], request, engine, why_engine, axes, first, (batch_chunk, axis_chunks)
+    )
+    if key is not None:
+        templates = _TEMPLATES.setdefault(module, {})
+        if len(templates) >= _TEMPLATES_PER_MODULE:
+            del templates[next(iter(templates))]  # the oldest
+        templates[key] = template
+    return _decide(request, template, batch_chunk, axis_chunks, memory_budget, planning_budget)
+
+
+def _decide(
+    request: Request,
+    template: _Template,
+    batch_chunk: Any,
+    axis_chunks: tuple[Any, ...],
+    memory_budget: Any,
+    planning_budget: int | None,
+) -> _Call:
+    """The chunk sizes of a prepared call: given, or planned within the budget."""
+    function, obj, engine = request.function, request.objective, template.engine
+    axes = template.axes
+    why_engine, size = template.why, obj.xs[0].shape[0]
     axis_chunks = axis_chunks[: len(axes)]
     if batch_chunk != "auto":
         decision = Decision(
@@ -316,7 +458,7 @@ def _prepare(
             None,
             "chunk sizes given",
         )
-        return _Call(request, engine, decision, size)
+        return _Call(request, engine, decision, size, template)
     budget = parse_budget(function, memory_budget, obj.xs[0].device)
     if planning_budget is None:
         planning_budget = budget
@@ -363,17 +505,36 @@ def _prepare(
         looped,
     )
     logger.debug("%s", decision)
-    return _Call(request, engine, decision, size)
+    return _Call(request, engine, decision, size, template)
 
 
 def _run(call: _Call) -> Any:
     request, decision = call.request, call.decision
     obj = request.objective
-    work = call.engine.work(request, decision.basis_chunks)
+    if call.template is not None:
+        work = call.template.work(decision.basis_chunks)
+    else:
+        work = call.engine.work(request, decision.basis_chunks)
+    args = obj.args()
+    if (
+        call.size
+        and (decision.batch_chunk is None or decision.batch_chunk >= call.size)
+        and not decision.looped
+        and request.randomness == "error"
+        and not obj.inputs_written  # the inputs are copies: compact, as the runner makes them
+    ):
+        # The whole batch at once, without the runner's slicing; a failure (out of
+        # memory, an operator vmap cannot batch, an error to report) goes to the runner,
+        # which handles it.
+        try:
+            with DERIVATIVE_LOCK:
+                return work.batched(*args)
+        except Exception:
+            pass
     return run_batches(
         label(request.function, obj.module),
         work,
-        obj.args(),
+        args,
         in_dims=obj.in_dims(),
         out_dims=0,
         randomness=request.randomness,

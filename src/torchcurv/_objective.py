@@ -22,7 +22,7 @@ from ._checks import as_inputs, check_layers, check_module, check_objective
 from ._compat import global_module_hooks, tree_flatten, tree_map
 from ._decompositions import observing_routes
 from ._errors import TorchcurvError, argument_error, describe
-from ._functional import functional_of
+from ._functional import InPlaceWrites, functional_of, in_place_message
 from ._types import WRT, LossFunction, OutputSelection, ParamSelection
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "module_state",
     "numel",
     "per_sample_objective",
+    "usable",
 ]
 
 
@@ -48,39 +49,50 @@ class FirstForward:
             when empty, derivatives run without the `corrected_ops` mode.
         written: The buffers the forward writes in place (a running mean, a counter);
             each sample then gets its own copy of them, and the updates are discarded.
+        inputs_written: Whether the forward writes its inputs in place; they are then
+            copied inside the derivative, for each sample.
+        direct: Whether the selected output is one index into the module's output
+            (``out[0, output]``), checked once.
     """
 
     out_shape: tuple[int, ...]
     classes: int | None
     routed: tuple[str, ...]
     written: tuple[str, ...]
+    inputs_written: bool = False
+    direct: bool = False
 
 
 def module_state(module: nn.Module) -> tuple[Any, ...]:
-    """What a module's first forward (routing, written buffers, shapes) and its memory
-    depend on besides the inputs: each submodule's training flag and hooks, and the
-    identity, shape, dtype, device and ``requires_grad`` of every parameter and buffer
-    (not their values: a training step that updates weights in place keeps the caches).
+    """What a module's first forward (routing, written buffers, shapes), its engine and
+    its memory depend on besides the inputs: the tree of submodules (each one's
+    identity, type, training flag and hooks) and the identity, storage, shape, dtype,
+    device and ``requires_grad`` of every parameter and buffer (not their values: a
+    training step that updates weights in place keeps the caches; a ``.data`` swap
+    does not).
     """
     # One walk over the submodules, reading their dictionaries directly (the
     # named_* iterators build prefixed names and deduplicate: 3x slower on small models).
     state: list[Any] = [tuple(global_module_hooks())]
-    for m in module.modules():
-        state.append(
-            (
-                m.training,
-                tuple(m._forward_hooks),
-                tuple(m._forward_pre_hooks),
-                tuple(m._backward_hooks),
-                tuple(m._backward_pre_hooks),
-                tuple(
-                    (n, id(t), t.shape, t.dtype, t.device, t.requires_grad)
-                    for tensors in (m._parameters, m._buffers)
-                    for n, t in tensors.items()
-                    if t is not None
-                ),
-            )
-        )
+    stack, seen = [module], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            state.append(id(m))  # shared: once
+            continue
+        seen.add(id(m))
+        state.append((id(m), type(m), m.training, len(m._modules)))
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                      m._backward_pre_hooks):  # fmt: skip
+            if hooks:
+                state.append(tuple(hooks))
+        for tensors in (m._parameters, m._buffers):
+            for n, t in tensors.items():
+                if t is not None:
+                    state.append(
+                        (n, id(t), t.data_ptr(), t.shape, t.dtype, t.device, t.requires_grad)
+                    )
+        stack.extend(child for child in reversed(m._modules.values()) if child is not None)
     return tuple(state)
 
 
@@ -160,6 +172,7 @@ class Objective:
         kwargs: Mapping[str, Any] | None,
         create_graph: bool = False,
         argnums: int | tuple[int, ...] | None = None,
+        aliased: bool = False,
     ) -> None:
         check_module(function, module)
         if wrt not in WRT:
@@ -186,9 +199,9 @@ class Objective:
         xs, self.argnums, self.single = as_inputs(function, inputs, wrt, argnums)
         #: positional inputs passed along per sample, not differentiated
         self.rest = tuple(i for i in range(len(xs)) if i not in self.argnums)
-        self.xs = tuple(_usable(x, create_graph) for x in xs)
+        self.xs = tuple(usable(x, create_graph) for x in xs)
         if targets is not None:
-            self.targets = _usable(targets, False)
+            self.targets = usable(targets, False)
         if wrt == "inputs" and params is not None:
             argument_error(
                 function,
@@ -197,12 +210,25 @@ class Objective:
                 params,
                 "Drop params=, or pass wrt='params'.",
             )
+        # Aliases of the parameters and buffers (no copies) for per-sample calls, whose
+        # first forward runs on copies and finds the buffers and inputs the forward writes.
+        self.aliased = aliased and not create_graph  # else `fn` copies inputs and buffers
+        # Whether the forward is routed (`corrected_ops`), read by `fn` at each call (a
+        # cell, not `self`: copies of this objective must not keep its inputs alive).
+        self._routed = [True]
         self.fn, self.params = functional_of(
-            function, module, params, select=wrt != "inputs", attached=create_graph
+            function,
+            module,
+            params,
+            select=wrt != "inputs",
+            attached=create_graph,
+            aliased=self.aliased,
+            routing=lambda cell=self._routed: cell[0],  # type: ignore[misc]
         )
         #: Set by `adopt` from the first forward.
         self.written: tuple[str, ...] = ()
-        self.routed = True
+        self.inputs_written = False
+        self.direct = False
 
     def diff(self, xs: tuple[Any, ...]) -> Any:
         """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
@@ -243,41 +269,81 @@ class Objective:
         params, xs = self._split(diff, xs)
         if buffers:
             params = {**params, **{n: b.clone() for n, b in buffers.items()}}
-        out = self.fn(params, *(x.unsqueeze(0) for x in xs), **self.kwargs)
+        kwargs = self.kwargs
+        if self.aliased and self.inputs_written:
+            xs = tree_map(_copy, xs)
+        if self.aliased and kwargs:
+            kwargs = tree_map(_copy, kwargs)
+        out = self.fn(params, *(x.unsqueeze(0) for x in xs), **kwargs)
         return self._objective(out, target)
 
     def _objective(self, out: Any, target: Any) -> torch.Tensor:
+        if self.direct:  # the first forward checked it: the fast path of `_indexes_directly`
+            return out[0, self.output]  # type: ignore[no-any-return]
         if self.loss is not None:
             return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
+        if self._indexes_directly(out):
+            return out[0, self.output]  # type: ignore[no-any-return]
+        return _select_output(self.function, _drop_batch(self.function, out), self.output)
+
+    def _indexes_directly(self, out: Any) -> bool:
+        """Whether the selected output is ``out[0, output]``: one indexing op instead of
+        two inside the transforms (an int `output` within a ``(1, C, ...)`` output)."""
         index = self.output
-        if (
-            isinstance(out, torch.Tensor)
+        return (
+            self.loss is None
+            and isinstance(out, torch.Tensor)
             and isinstance(index, int)
             and not isinstance(index, bool)
             and out.dim() >= 2
             and out.shape[0] == 1
             and -out.shape[1] <= index < out.shape[1]
-        ):
-            return out[0, index]  # one indexing op instead of two inside the transforms
-        return _select_output(self.function, _drop_batch(self.function, out), self.output)
+        )
 
     def first_forward(self) -> FirstForward:
-        """Run the forward of sample 0 on copies of the buffers (the caller runs it
-        without grad and with the RNG state forked) and say what it showed."""
+        """Run the forward of sample 0 on copies of the parameters and buffers (the
+        caller runs it without grad and with the RNG state forked) and say what it
+        showed; a forward that writes a parameter in place is refused."""
         diff, xs, target = self.probe_sample()
         params, inputs = self._split(diff, xs)
+        weights = {n: p.detach().clone() for n, p in self.module.named_parameters()}
+        weights.update((n, p.detach().clone()) for n, p in params.items())
         copies = {n: b.detach().clone() for n, b in self.module.named_buffers()}
+        state = {**weights, **copies}
+        fresh = tuple(x.clone() for x in inputs)
+        kwargs = tree_map(_copy, self.kwargs)
         with observing_routes() as routed:
-            out = self.fn({**params, **copies}, *(x.unsqueeze(0) for x in inputs), **self.kwargs)
+            out = self.fn(state, *(x.unsqueeze(0) for x in fresh), **kwargs)
+        if any(p._version for p in weights.values()):
+            self._refuse_parameter_writes(state, inputs)
         written = tuple(n for n, b in copies.items() if b._version)
+        inputs_written = any(x._version for x in fresh)
         value = self._objective(out, target)
         classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() >= 2 else None
-        return FirstForward(tuple(value.shape), classes, tuple(dict.fromkeys(routed)), written)
+        return FirstForward(
+            tuple(value.shape),
+            classes,
+            tuple(dict.fromkeys(routed)),
+            written,
+            inputs_written,
+            self._indexes_directly(out),
+        )
+
+    def _refuse_parameter_writes(self, state: dict[str, torch.Tensor], inputs: Any) -> None:
+        """Name the in-place op with which the forward wrote a parameter (copies)."""
+        fresh = {n: t.detach().clone() for n, t in state.items()}
+        weights = {t.untyped_storage().data_ptr() for n, t in fresh.items() if n not in
+                   dict(self.module.named_buffers())}  # fmt: skip
+        with InPlaceWrites(weights) as seen:
+            self.fn(fresh, *(x.unsqueeze(0) for x in inputs), **self.kwargs)
+        raise TorchcurvError(in_place_message(self.function, self.module, seen.op))
 
     def adopt(self, first: FirstForward) -> None:
         """Take the routing and the written buffers of the first forward."""
-        self.routed = bool(first.routed)
+        self._routed[0] = bool(first.routed)
         self.written = first.written
+        self.inputs_written = first.inputs_written
+        self.direct = first.direct
 
     def whole_batch(self, diff: Any, xs: Any, target: Any) -> torch.Tensor:
         """The objective of the whole batch (the loss over all samples)."""
@@ -322,13 +388,35 @@ class Objective:
         buffer_dims = 0 if self.written else None
         return diff_dims, xs_dims, None if self.targets is None else 0, buffer_dims
 
+    @property
+    def routed(self) -> bool:
+        """Whether the first forward called a routed op (True until it ran)."""
+        return self._routed[0]
+
+    def absent(self) -> tuple[int, ...]:
+        """Positions of the arguments of `per_sample` that `args` always gives as None
+        (with in_dims None): no undifferentiated inputs, no targets, no written buffers."""
+        flags = (False, not self.rest, self.targets is None, not self.written)
+        return tuple(i for i, flag in enumerate(flags) if flag)
+
     def args(self) -> tuple[Any, Any, Any, Any]:
         """The batched arguments of `per_sample`: the written buffers are expanded over
         the batch (no copy: each sample's copy is made inside, by `per_sample`)."""
         size = self.xs[0].shape[0]
-        buffers = dict(self.module.named_buffers())
-        written = {n: buffers[n].detach().expand(size, *buffers[n].shape) for n in self.written}
-        return self.diff(self.xs), self.passed(self.xs), self.targets, written or None
+        written = None
+        if self.written:
+            buffers = dict(self.module.named_buffers())
+            written = {
+                n: buffers[n].detach().expand(size, *buffers[n].shape) for n in self.written
+            }
+        # Copies of the inputs (one op, outside the derivative) when the first forward
+        # wrote none: a write it did not show then lands on them, not the caller's.
+        xs = (
+            self.xs
+            if self.inputs_written or not self.aliased
+            else tuple(x.clone() for x in self.xs)
+        )
+        return self.diff(xs), self.passed(xs), self.targets, written
 
     @functools.cached_property
     def _signature(self) -> tuple[Any, ...]:
@@ -372,7 +460,11 @@ class Objective:
         return self.diff(xs), self.passed(xs), target
 
 
-def _usable(x: torch.Tensor, attached: bool) -> torch.Tensor:
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def usable(x: torch.Tensor, attached: bool) -> torch.Tensor:
     """`x` as the derivative sees it: detached unless `attached`; a tensor made under
     `torch.inference_mode` is copied (such tensors cannot take part in autograd)."""
     if x.is_inference():
@@ -389,7 +481,7 @@ def per_sample_objective(
     **what: Any,
 ) -> tuple[Objective, int]:
     """The checked objective of a per-sample call and its batch size."""
-    obj = Objective(function, module, inputs, **what)
+    obj = Objective(function, module, inputs, aliased=True, **what)
     check_layers(function, module, randomness)
     return obj, obj.batch_size()
 

@@ -487,10 +487,46 @@ def _maybe_seeded(randomness: str, seed: int, index: int, leaves: Sequence[Any])
         yield
 
 
-def vmapped(func: Callable[..., Any], in_dims: Any, out_dims: Any, randomness: str) -> Work:
-    """`Work` for a single-sample function: vmap for slices, the function for the loop."""
+def vmapped(
+    func: Callable[..., Any],
+    in_dims: Any,
+    out_dims: Any,
+    randomness: str,
+    absent: tuple[int, ...] = (),
+) -> Work:
+    """`Work` for a single-sample function: vmap for slices, the function for the loop.
+
+    ``absent``: positions of the arguments that are always None (no targets, no written
+    buffers...); they are left out before vmap (`func` takes the others), whose
+    flattening of them, and of every transform inside, costs more than the rest of its
+    set-up on small models.
+    """
     inner = "error" if randomness == "error" else "same" if randomness == "same" else "different"
-    return Work(torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=inner), func)
+    if not absent:
+        return Work(torch.vmap(func, in_dims=in_dims, out_dims=out_dims, randomness=inner), func)
+    present_dims = tuple(d for i, d in enumerate(in_dims) if i not in absent)
+    vectorised = torch.vmap(func, in_dims=present_dims, out_dims=out_dims, randomness=inner)
+
+    def batched(*args: Any) -> Any:
+        return vectorised(*(a for i, a in enumerate(args) if i not in absent))
+
+    def single(*args: Any) -> Any:
+        return func(*(a for i, a in enumerate(args) if i not in absent))
+
+    return Work(batched, single)
+
+
+def with_nones(func: Callable[..., Any], absent: tuple[int, ...], count: int) -> Any:
+    """`func` of `count` arguments as a function of those not at the positions `absent`
+    (None is passed there)."""
+    if not absent:
+        return func
+
+    def call(*present: Any) -> Any:
+        given = iter(present)
+        return func(*(None if i in absent else next(given) for i in range(count)))
+
+    return call
 
 
 def per_sample(

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._compat import DERIVATIVE_LOCK
 from .._decompositions import unrouted
-from .._runner import Batch, Work, cuda_devices, vmapped
+from .._runner import Batch, Work, cuda_devices, vmapped, with_nones
 from .._transforms import (
     HESSIAN_STAGES,
     hessian,
@@ -51,13 +51,19 @@ _MODE_LACKS = (
 _PROBED: weakref.WeakKeyDictionary[nn.Module, dict[Any, str | None]] = weakref.WeakKeyDictionary()
 
 
-def _planned(transform: Any, routed: bool) -> Any:
+def _planned(transform: Any, routed: bool, vectorised: bool = True) -> Any:
     """`transform` with its planned chunks vmapped (a chunk of one too): see
-    `torchcurv._transforms.vectorised_chunks`; without the `corrected_ops` mode when
-    the first forward called no routed op (``routed=False``)."""
+    `torchcurv._transforms.vectorised_chunks` (``vectorised=False``: a transform with
+    no chunks of torchcurv's); without the `corrected_ops` mode of torchcurv's
+    transforms when the first forward called no routed op (``routed=False``)."""
+    if not vectorised:
+        return transform  # the objective's forward skips the mode itself when not routed
 
     def planned(*args: Any) -> Any:
-        with vectorised_chunks(), nullcontext() if routed else unrouted():
+        with (
+            vectorised_chunks() if vectorised else nullcontext(),
+            nullcontext() if routed else unrouted(),
+        ):
             return transform(*args)
 
     return planned
@@ -140,9 +146,12 @@ class GenericEngine:
         obj = request.objective
         inner = "error" if request.randomness == "error" else "same"
         whole = all(c is None or c >= a for c, a in zip(chunks, self.axes(request), strict=True))
+        absent = obj.absent()
+        func = with_nones(obj.per_sample, absent, len(obj.in_dims()))
+        vectorised = True
         if request.quantity != "hessian":
             transform = hessian_diagonal(
-                obj.per_sample,
+                func,
                 mode=self.mode,
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,
@@ -152,21 +161,23 @@ class GenericEngine:
             # Unchunked: torch.func's own composition, which the objective's forward
             # routes itself (`torchcurv.functional`): nothing added to raw torch.func.
             stages = (self.mode,) if self.order == 1 else HESSIAN_STAGES[self.mode]
-            transform = obj.per_sample
+            transform = func
             for stage in stages:
                 transform = _torch_func_stage(stage, transform, inner)
+            vectorised = False  # no chunks of torchcurv's
         elif self.order == 1:
             transform = jacobian(
-                obj.per_sample,
+                func,
                 mode=self.mode,  # type: ignore[arg-type]
                 chunk_size=chunks[0],
                 randomness=inner,  # type: ignore[arg-type]
             )
         else:
             transform = hessian(
-                obj.per_sample,
+                func,
                 mode=self.mode,  # type: ignore[arg-type]
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,  # type: ignore[arg-type]
             )
-        return vmapped(_planned(transform, obj.routed), obj.in_dims(), 0, request.randomness)
+        planned = _planned(transform, obj.routed, vectorised)
+        return vmapped(planned, obj.in_dims(), 0, request.randomness, absent)
