@@ -25,6 +25,7 @@ from torchcurv.testing import (
     assert_matches_finite_differences,
     assert_matches_reference,
     assert_per_sample_matches_loop,
+    assert_quantities_match_hessian,
     assert_symmetric,
     assert_trees_close,
     check_model,
@@ -422,3 +423,27 @@ def test_embedding_net_parameter_hessians_equal_the_loop(model: nn.Module, data:
     extra = {k: v for k, v in {"mode": mode, "chunk_size": chunk}.items() if v != "default"}
     report = check_model(model, ids, wrt="params", **kwargs, **extra)
     assert "H['0.weight']['0.weight']" in report.blocks
+
+
+# --------------------------------------------------------------------------------------
+# per-sample quantities of the Hessian (issue 24): through the harness's own assertion
+# --------------------------------------------------------------------------------------
+
+
+@given(tcs.mlps(max_width=5, batch_norm=st.booleans(), tied=st.booleans()), st.data())
+@at_most(150)
+def test_quantities_match_the_full_hessian(model: nn.Module, data: Any) -> None:
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X")
+    m = model(X[:1]).shape[-1]
+    kind = data.draw(st.sampled_from(["int", "all", "cross_entropy"]), label="objective")
+    options: dict[str, Any] = {
+        "int": {"output": data.draw(st.integers(0, m - 1), label="output")},
+        "all": {},
+        "cross_entropy": {"loss": F.cross_entropy, "targets": torch.randint(0, m, (X.shape[0],))},
+    }[kind]
+    options["wrt"] = data.draw(st.sampled_from(["inputs", "params", "both"]), label="wrt")
+    options["mode"] = data.draw(
+        st.sampled_from(["auto", "fwd-over-rev", "rev-over-rev", "rev-over-fwd"]), label="mode"
+    )
+    options["chunk_size"] = data.draw(st.sampled_from(["auto", None, 1, 2]), label="chunk_size")
+    assert_quantities_match_hessian(model, X, **options)

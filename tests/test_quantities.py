@@ -202,3 +202,82 @@ def test_empty_batches_give_empty_quantities() -> None:
     X = torch.randn(0, 3, dtype=D)
     assert torchcurv.per_sample_hessian_diag(model, X).shape == (0, 2, 3)
     assert torchcurv.per_sample_laplacian(model, X, output=0).shape == (0,)
+
+
+# --------------------------------------------------------------------------------------
+# function level: torchcurv.hessian_diag and torchcurv.laplacian
+# --------------------------------------------------------------------------------------
+
+
+def _u(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """A small network of one input: ``tanh(W2 tanh(W1 x))`` with two outputs."""
+    return torch.tanh(W[:2, :4] @ torch.tanh(W[:4, 4:] @ x))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, (2, 3)], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_function_level_diagonal_and_laplacian_equal_the_full_hessian(
+    mode: str, chunk: Any
+) -> None:
+    torch.manual_seed(0)
+    W, X = torch.randn(4, 9, dtype=D), torch.randn(6, 5, dtype=D)
+    shared = (0, None)
+    H = torchcurv.per_sample(torchcurv.hessian(_u), in_dims=shared)(X, W)  # [B, 2, 5, 5]
+    diag = torchcurv.hessian_diag(_u, mode=mode, chunk_size=chunk)
+    assert_trees_close(
+        torchcurv.per_sample(diag, in_dims=shared)(X, W), H.diagonal(dim1=-2, dim2=-1)
+    )
+    laplacian = torchcurv.laplacian(_u, mode=mode, chunk_size=chunk)
+    lap = torchcurv.per_sample(laplacian, in_dims=shared)(X, W)
+    assert_trees_close(lap, H.diagonal(dim1=-2, dim2=-1).sum(-1))
+    # with respect to the weights (argnums=1): the diagonal of the weights' block
+    dW = torchcurv.hessian_diag(_u, argnums=1, mode=mode, chunk_size=chunk)(X[0], W)
+    HW = torchcurv.hessian(_u, argnums=1)(X[0], W).reshape(2, 36, 36)
+    assert_trees_close(dW, HW.diagonal(dim1=-2, dim2=-1).reshape(2, 4, 9))
+
+
+def test_function_level_tuple_argnums_and_pytrees() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+
+    def f(a: torch.Tensor, scale: float, b: torch.Tensor) -> torch.Tensor:
+        return scale * torch.sin(a).sum() * torch.cos(b).sum()
+
+    H = torchcurv.hessian(f, argnums=(0, 2))(a, 2.0, b)
+    da, db = torchcurv.hessian_diag(f, argnums=(0, 2))(a, 2.0, b)
+    assert_trees_close(da, H[0][0].diagonal())
+    assert_trees_close(db, H[1][1].diagonal())
+    lap = torchcurv.laplacian(f, argnums=(0, 2))(a, 2.0, b)
+    assert_trees_close(lap, H[0][0].diagonal().sum() + H[1][1].diagonal().sum())
+    tree = {"a": a, "b": b}
+    d = torchcurv.hessian_diag(lambda t: f(t["a"], 2.0, t["b"]))(tree)
+    assert_trees_close(d, {"a": da, "b": db})
+
+
+def test_gradient_of_a_pinn_residual_through_the_laplacian() -> None:
+    """d/dW of the mean squared residual of Laplace's equation, against autograd on the
+    loop oracle's Hessian traces."""
+    torch.manual_seed(0)
+    W, X = torch.randn(4, 9, dtype=D, requires_grad=True), torch.randn(5, 5, dtype=D)
+
+    def scalar(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return _u(x, W)[0]
+
+    lap = torchcurv.per_sample(torchcurv.laplacian(scalar), in_dims=(0, None))(X, W)
+    (got,) = torch.autograd.grad(lap.pow(2).mean(), W)
+    traces = torch.stack(
+        [reference.hessian(scalar, create_graph=True)(x, W).diagonal().sum() for x in X]
+    )
+    (expected,) = torch.autograd.grad(traces.pow(2).mean(), W)
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("function", [torchcurv.hessian_diag, torchcurv.laplacian])
+def test_function_level_bad_arguments(function: Any) -> None:
+    x = torch.randn(3, dtype=D)
+    with pytest.raises(torchcurv.TorchcurvError, match="argnums"):
+        function(lambda x: x.sum(), argnums=2)(x)
+    with pytest.raises(torchcurv.TorchcurvError, match="mode"):
+        function(lambda x: x.sum(), mode="sideways")
+    with pytest.raises(torchcurv.TorchcurvError, match="func"):
+        function(3)

@@ -16,13 +16,16 @@ from ._modules import explain as explain
 from ._modules import functional as functional
 from ._modules import per_sample_hessian as per_sample_hessian
 from ._modules import per_sample_hessian_diag as per_sample_hessian_diag
+from ._modules import per_sample_hvp as per_sample_hvp
 from ._modules import per_sample_jacobian as per_sample_jacobian
 from ._modules import per_sample_laplacian as per_sample_laplacian
 from ._runner import initialize as initialize
 from ._runner import per_sample as per_sample
 from ._transforms import hessian as hessian
+from ._transforms import hessian_diag as hessian_diag
 from ._transforms import hvp as hvp
 from ._transforms import jacobian as jacobian
+from ._transforms import laplacian as laplacian
 from ._transforms import vhp as vhp
 
 __version__ = "0.1.0"
@@ -30,8 +33,10 @@ __version__ = "0.1.0"
 __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     # function transforms
     "hessian",
+    "hessian_diag",
     "hvp",
     "jacobian",
+    "laplacian",
     "vhp",
     # batching
     "per_sample",
@@ -42,6 +47,7 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "per_sample_jacobian",
     # per-sample quantities of the Hessian
     "per_sample_hessian_diag",
+    "per_sample_hvp",
     "per_sample_laplacian",
     # decisions and memory
     "Decision",

@@ -414,7 +414,7 @@ def check_module_chunk(
     function: str, chunk_size: Any, memory_budget: Any, n_axes: int
 ) -> tuple[Any, tuple[int | None, ...]]:
     """``(batch_chunk, basis_chunks)`` from a module-level chunk_size."""
-    parts = "(batch, inner, outer)" if n_axes == 2 else "(batch, basis)"
+    parts = {0: "(batch,)", 1: "(batch, basis)", 2: "(batch, inner, outer)"}[n_axes]
     if isinstance(chunk_size, list):
         argument_error(
             function,

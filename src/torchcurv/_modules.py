@@ -36,7 +36,7 @@ from ._checks import (
     check_module_chunk,
     check_randomness,
 )
-from ._compat import DERIVATIVE_LOCK, tree_flatten
+from ._compat import DERIVATIVE_LOCK, tree_flatten, tree_map
 from ._errors import (
     MemoryBudgetError,
     TorchcurvError,
@@ -98,6 +98,7 @@ __all__ = [
     "functional",
     "per_sample_hessian",
     "per_sample_hessian_diag",
+    "per_sample_hvp",
     "per_sample_jacobian",
     "per_sample_laplacian",
 ]
@@ -179,18 +180,22 @@ class _Template:
         obj.xs = tuple(x.new_empty((0, *x.shape[1:])) for x in obj.xs)
         if obj.targets is not None:
             obj.targets = obj.targets.new_empty((0, *obj.targets.shape[1:]))
+        if obj.vectors is not None:
+            obj.vectors = tree_map(lambda v: v.new_empty((0, *v.shape[1:])), obj.vectors)
         self.state, self.engine, self.why, self.axes, self.first = state, engine, why, axes, first
         self.chunks = chunks
         self.request = dataclasses.replace(request, objective=obj)
         self._works: dict[tuple[int | None, ...], Work] = {}
 
-    def request_for(self, inputs: Any, targets: torch.Tensor | None) -> Request:
+    def request_for(self, inputs: Any, targets: torch.Tensor | None, vectors: Any) -> Request:
         """The request for a new batch of the same signature (already checked)."""
         model = self.request.objective
         obj = Objective.__new__(Objective)  # a copy (copy.copy takes 3x as long)
         obj.__dict__.update(model.__dict__)
         obj.xs = tuple(usable(x, False) for x in as_tuple(inputs))
         obj.targets = None if targets is None else usable(targets, False)
+        if vectors is not None:  # structure and shapes as the first call's (the key)
+            obj.vectors = tree_map(lambda v: usable(v, False), vectors)
         _check_class_targets(obj, self.first.classes)
         r = self.request
         return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel, r.quantity)
@@ -220,6 +225,7 @@ def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) 
     indices given, ``create_graph=True``, arguments that are not as expected)."""
     xs = as_tuple(inputs)
     targets, output, params = what.get("targets"), what.get("output"), what.get("params")
+    vectors, spec = tree_flatten(what.get("vectors"))
     if (
         what.get("kwargs")
         or not isinstance(xs, tuple)
@@ -228,6 +234,7 @@ def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) 
         or not (params is None or isinstance(params, str) or (
             isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params)))
         or not (output is None or callable(output) or _plain_index(output))
+        or not all(v is None or isinstance(v, torch.Tensor) for v in vectors)
     ):  # fmt: skip
         return None
     key = (
@@ -239,6 +246,8 @@ def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) 
         what.get("argnums"),
         tuple(_tensor_key(x) for x in xs),
         None if targets is None else _tensor_key(targets),
+        spec,
+        tuple(None if v is None else _tensor_key(v) for v in vectors),
     )
     try:
         hash(key)
@@ -405,10 +414,11 @@ def _prepare(
     template = None if templates is None else templates.get(key)
     if template is not None and template.state == module_state(module):
         batch_chunk, axis_chunks = template.chunks
-        request = template.request_for(inputs, what["targets"])
+        request = template.request_for(inputs, what["targets"], what.get("vectors"))
         return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
-    batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, order)
+    n_axes = 0 if quantity == "hvp" else order  # an HVP has no basis to chunk
+    batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, n_axes)
     randomness = check_randomness(function, randomness, BATCH_RANDOMNESS)
     planning_budget = None
     if memory_budget is not None:  # before the first forward and the probes
@@ -420,6 +430,8 @@ def _prepare(
     request = Request(
         function, obj, order, randomness, first.out_shape, numel(obj.probe_sample()[0]), quantity
     )
+    if quantity == "hvp" and request.out_numel != 1:
+        _refuse_non_scalar(request)
     engine, why_engine = choose(request, mode)
     axes = engine.axes(request)
     template = _Template(
@@ -431,6 +443,18 @@ def _prepare(
             del templates[next(iter(templates))]  # the oldest
         templates[key] = template
     return _decide(request, template, batch_chunk, axis_chunks, memory_budget, planning_budget)
+
+
+def _refuse_non_scalar(request: Request) -> None:
+    argument_error(
+        request.function,
+        "output",
+        f"must select an objective with one entry per sample for a Hessian-vector "
+        f"product; the selected output has shape {request.out_shape}",
+        request.objective.output,
+        "Select one entry (output=0 for a (B, 1) or (B, C) output), or pass a scalar "
+        "loss= with targets=.",
+    )
 
 
 def _decide(
@@ -668,7 +692,7 @@ def _result_bytes(request: Request) -> int:
     """Bytes of one sample's result: ``out x in^order`` entries (``out x in`` for a
     diagonal, ``out`` for a trace)."""
     item = itemsize(request.objective.probe_sample()[0])
-    power = {"hessian": request.order, "diagonal": 1, "trace": 0}[request.quantity]
+    power = {"hessian": request.order, "diagonal": 1, "trace": 0, "hvp": 1}[request.quantity]
     return int(request.out_numel * request.in_numel**power * item)
 
 
@@ -977,6 +1001,116 @@ def per_sample_hessian_diag(
         return _run(call)
 
 
+HVP_MODES = ("auto", "fwd-over-rev", "rev-over-rev", "rev-over-fwd")
+
+
+def per_sample_hvp(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    vectors: Any,
+    *,
+    wrt: Wrt = "inputs",
+    output: OutputSelection = None,
+    targets: torch.Tensor | None = None,
+    loss: LossFunction | None = None,
+    params: ParamSelection = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    mode: str = "auto",
+    chunk_size: int | Literal["auto"] | tuple[int | None] | None = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> Any:
+    """Each sample's Hessian times its own vector, without forming the Hessian.
+
+    For an objective with one entry per sample (``output=`` selecting one entry, or a
+    scalar ``loss=``), sample ``i`` gets ``H_i v_i``: one Hessian-vector product, at the
+    cost of a few gradients, whatever the number of parameters. `vectors` has the
+    structure of what is differentiated, batch dim first: ``[B, *x.shape]`` with
+    ``wrt="inputs"``, ``{name: [B, *p.shape]}`` with ``wrt="params"``,
+    ``{"inputs": ..., "params": {...}}`` with ``wrt="both"``, a tuple for tuple
+    `argnums`; the result has the same structure and shapes.
+
+    Args:
+        module: The model; never modified.
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        vectors: One vector per sample, shaped as described above (dtype and device of
+            what it multiplies).
+        wrt: ``"inputs"``, ``"params"`` or ``"both"``.
+        output: Which output (see `per_sample_hessian`); it must select one entry.
+        targets: One target per sample, with `loss`.
+        loss: ``loss(out, target) -> scalar``.
+        params: Which parameters, see `torchcurv.functional`.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        mode: ``"fwd-over-rev"`` (the JVP of the gradient), ``"rev-over-rev"`` (the VJP
+            of the gradient, for modules without forward-mode rules), ``"rev-over-fwd"``
+            (the gradient of the directional derivative) or ``"auto"`` (forward over
+            reverse when the module has the rules, else reverse over reverse).
+        chunk_size: ``"auto"``, None, an int or ``(batch,)``: samples per vectorised
+            call (a product has no basis to chunk).
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: As in `per_sample_hessian`: True keeps the results differentiable
+            (with respect to the parameters, inputs and vectors that require grad).
+
+    Returns:
+        The per-sample products, shaped like `vectors`.
+
+    Raises:
+        UnsupportedModuleError: As `per_sample_hessian`.
+        MemoryBudgetError: If the budget cannot be met even with one sample at a time.
+        TorchcurvError: For bad arguments: an objective with more than one entry,
+            vectors of the wrong structure, shape, batch size, dtype or device.
+
+    Example:
+        ``f(x) = sum(a * x**3) / 6`` has the Hessian ``diag(a * x)``:
+
+        >>> import torch, torchcurv
+        >>> class Cubic(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return (torch.arange(1.0, 4.0, dtype=x.dtype) * x**3).sum(-1) / 6
+        >>> X = torch.randn(5, 3, dtype=torch.float64)
+        >>> V = torch.randn(5, 3, dtype=torch.float64)
+        >>> HV = torchcurv.per_sample_hvp(Cubic(), X, V)
+        >>> torch.allclose(HV, torch.arange(1.0, 4.0, dtype=torch.float64) * X * V)
+        True
+    """
+    name = "per_sample_hvp"
+    check_mode(name, mode, HVP_MODES)
+    if vectors is None:
+        argument_error(
+            name,
+            "vectors",
+            "is required",
+            vectors,
+            "Pass one vector per sample, shaped like what is differentiated, batch first.",
+        )
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            quantity="hvp",
+            wrt=wrt,
+            params=params,
+            output=output,
+            loss=loss,
+            targets=targets,
+            kwargs=kwargs,
+            argnums=argnums,
+            vectors=vectors,
+        )
+        return _run(call)
+
+
 def per_sample_laplacian(
     module: nn.Module,
     inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -1064,6 +1198,7 @@ _EXPLAINABLE: dict[Callable[..., Any], tuple[str, int, str]] = {
     per_sample_jacobian: ("per_sample_jacobian", 1, "hessian"),
     per_sample_hessian_diag: ("per_sample_hessian_diag", 2, "diagonal"),
     per_sample_laplacian: ("per_sample_laplacian", 2, "trace"),
+    per_sample_hvp: ("per_sample_hvp", 2, "hvp"),
 }
 
 
@@ -1078,8 +1213,8 @@ def explain(
 
     Args:
         function: A module-level function: `torchcurv.per_sample_hessian`,
-            `torchcurv.per_sample_jacobian`, `torchcurv.per_sample_hessian_diag` or
-            `torchcurv.per_sample_laplacian`.
+            `torchcurv.per_sample_jacobian`, `torchcurv.per_sample_hessian_diag`,
+            `torchcurv.per_sample_laplacian` or `torchcurv.per_sample_hvp`.
         module: The model, as for `function`.
         inputs: The batch, as for `function`.
         **options: The keyword arguments of `function`.
@@ -1110,7 +1245,7 @@ def explain(
             "must be a module-level torchcurv function",
             function,
             "Pass torchcurv.per_sample_hessian, per_sample_jacobian, "
-            "per_sample_hessian_diag or per_sample_laplacian.",
+            "per_sample_hessian_diag, per_sample_laplacian or per_sample_hvp.",
         )
     name, order, quantity = _EXPLAINABLE[function]
     create_graph = options.pop("create_graph", False)
@@ -1131,6 +1266,7 @@ def explain(
             "kwargs",
             "argnums",
             *(() if inputs_only else ("params",)),
+            *(("vectors",) if quantity == "hvp" else ()),
         )
     }
     what["wrt"] = "inputs" if inputs_only else options.pop("wrt", "inputs")

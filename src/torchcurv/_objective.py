@@ -173,6 +173,7 @@ class Objective:
         create_graph: bool = False,
         argnums: int | tuple[int, ...] | None = None,
         aliased: bool = False,
+        vectors: Any = None,
     ) -> None:
         check_module(function, module)
         if wrt not in WRT:
@@ -229,6 +230,69 @@ class Objective:
         self.written: tuple[str, ...] = ()
         self.inputs_written = False
         self.direct = False
+        #: Per-sample vectors, shaped like the differentiated pytree with a batch dim
+        #: (`per_sample_hvp`), passed to the derivative as a fifth argument.
+        self.vectors = None
+        if vectors is not None:
+            self.vectors = self._checked_vectors(vectors)
+
+    def _checked_vectors(self, vectors: Any) -> Any:
+        """`vectors` with the structure of the differentiated pytree, each leaf with the
+        batch dim first and the leaf's shape, dtype and device (dict keys in any order)."""
+        size = self.batch_size()
+        like = self.diff(self.xs)
+        batched = self.in_dims()[0]
+
+        def match(v: Any, leaf: Any, dims: Any, where: str) -> Any:
+            if isinstance(leaf, Mapping):
+                if not isinstance(v, Mapping) or set(v) != set(leaf):
+                    keys = list(leaf)
+                    argument_error(
+                        self.function,
+                        where,
+                        f"must be a dict with the keys {keys}",
+                        sorted(v) if isinstance(v, Mapping) else v,
+                        "Give one vector per differentiated tensor, keyed as the "
+                        "result of per_sample_hessian is.",
+                    )
+                sub = dims if isinstance(dims, Mapping) else dict.fromkeys(leaf, dims)
+                return {k: match(v[k], leaf[k], sub[k], f"{where}[{k!r}]") for k in leaf}
+            if isinstance(leaf, tuple):
+                if not isinstance(v, tuple) or len(v) != len(leaf):
+                    argument_error(
+                        self.function,
+                        where,
+                        f"must be a tuple of {len(leaf)} tensors (one per differentiated input)",
+                        v,
+                        "Give one vector per differentiated input.",
+                    )
+                per_input = dims if isinstance(dims, tuple) else (dims,) * len(leaf)
+                return tuple(
+                    match(a, b, d, f"{where}[{i}]")
+                    for i, (a, b, d) in enumerate(zip(v, leaf, per_input, strict=True))
+                )
+            shape = (size, *(leaf.shape if dims is None else leaf.shape[1:]))
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                argument_error(
+                    self.function,
+                    where,
+                    f"must be a tensor of shape {shape} (the batch of {size}, then the "
+                    "differentiated tensor's shape)",
+                    v,
+                    "Give each sample its own vector, batch dim first.",
+                )
+            if v.dtype != leaf.dtype or v.device != leaf.device:
+                argument_error(
+                    self.function,
+                    where,
+                    f"must have the dtype and device of what it multiplies "
+                    f"({leaf.dtype}, {leaf.device})",
+                    v,
+                    f"Convert it: v.to({leaf.dtype}).",
+                )
+            return usable(v, self.create_graph)
+
+        return match(vectors, like, batched, "vectors")
 
     def diff(self, xs: tuple[Any, ...]) -> Any:
         """The differentiated pytree for inputs `xs` (one sample or the whole batch)."""
@@ -260,12 +324,17 @@ class Objective:
         return params, tuple(xs)
 
     def per_sample(
-        self, diff: Any, xs: Any, target: Any, buffers: Mapping[str, Any] | None = None
+        self,
+        diff: Any,
+        xs: Any,
+        target: Any,
+        buffers: Mapping[str, Any] | None = None,
+        vectors: Any = None,
     ) -> torch.Tensor:
         """The objective of one sample (fed to the module as a batch of one); `xs` holds
         the inputs passed along undifferentiated (`passed`), `buffers` the sample's own
         copies of the buffers the forward writes (`written`; copied again here, so the
-        writes land on copies)."""
+        writes land on copies); `vectors` are the derivative's, not the objective's."""
         params, xs = self._split(diff, xs)
         if buffers:
             params = {**params, **{n: b.clone() for n, b in buffers.items()}}
@@ -377,7 +446,7 @@ class Objective:
             )
         return int(sizes.pop())
 
-    def in_dims(self) -> tuple[Any, Any, Any, Any]:
+    def in_dims(self) -> tuple[Any, Any, Any, Any, Any]:
         x_dims: Any = 0 if self.single else (0,) * len(self.argnums)
         diff_dims: Any = (
             {"inputs": x_dims, "params": None}
@@ -386,7 +455,8 @@ class Objective:
         )
         xs_dims = (0,) * len(self.rest) if self.rest else None
         buffer_dims = 0 if self.written else None
-        return diff_dims, xs_dims, None if self.targets is None else 0, buffer_dims
+        target_dims = None if self.targets is None else 0
+        return diff_dims, xs_dims, target_dims, buffer_dims, None if self.vectors is None else 0
 
     @property
     def routed(self) -> bool:
@@ -395,11 +465,18 @@ class Objective:
 
     def absent(self) -> tuple[int, ...]:
         """Positions of the arguments of `per_sample` that `args` always gives as None
-        (with in_dims None): no undifferentiated inputs, no targets, no written buffers."""
-        flags = (False, not self.rest, self.targets is None, not self.written)
+        (with in_dims None): no undifferentiated inputs, no targets, no written buffers,
+        no vectors."""
+        flags = (
+            False,
+            not self.rest,
+            self.targets is None,
+            not self.written,
+            self.vectors is None,
+        )
         return tuple(i for i, flag in enumerate(flags) if flag)
 
-    def args(self) -> tuple[Any, Any, Any, Any]:
+    def args(self) -> tuple[Any, Any, Any, Any, Any]:
         """The batched arguments of `per_sample`: the written buffers are expanded over
         the batch (no copy: each sample's copy is made inside, by `per_sample`)."""
         size = self.xs[0].shape[0]
@@ -416,7 +493,7 @@ class Objective:
             if self.inputs_written or not self.aliased
             else tuple(x.clone() for x in self.xs)
         )
-        return self.diff(xs), self.passed(xs), self.targets, written
+        return self.diff(xs), self.passed(xs), self.targets, written, self.vectors
 
     @functools.cached_property
     def _signature(self) -> tuple[Any, ...]:

@@ -699,9 +699,179 @@ def hessian_diagonal(
     return diagonal
 
 
+def hessian_diag(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: HessianMode = "fwd-over-rev",
+    chunk_size: HessianChunk = None,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """The diagonal of the Hessian of `func`, without forming the Hessian.
+
+    For one input ``x`` and output ``y`` the result has shape ``y.shape + x.shape``:
+    entry ``[j, i]`` is ``d^2 y_j / d x_i^2``. With a pytree input the leaves of the
+    result nest like it (the diagonal of each leaf's own block); with tuple `argnums` a
+    tuple. The outer stage pushes chunks of basis vectors ``e_i`` through and keeps
+    ``e_i^T H e_i`` of each chunk at once, so a call holds ``O(n x chunk)`` numbers,
+    never ``n x n``. Composes with `torchcurv.per_sample` (``(B, *y, *x)`` per sample)
+    and with the other transforms.
+
+    Args:
+        func: A function of tensors returning a tensor.
+        argnums: Which positional argument(s) to differentiate: an int or a tuple.
+        mode: As in `torchcurv.hessian`.
+        chunk_size: As in `torchcurv.hessian`: ``(inner, outer)``, the outer axis
+            running over the basis vectors of the input.
+        randomness: As in `torchcurv.hessian`.
+
+    Returns:
+        A function with the signature of `func` returning the diagonal.
+
+    Raises:
+        TorchcurvError: On bad arguments, as `torchcurv.hessian`.
+
+    Example:
+        Output ``i`` of ``x * x * [0, 1, 2]`` has the Hessian ``2 i e_i e_i^T``:
+
+        >>> import torch, torchcurv
+        >>> x = torch.randn(3, dtype=torch.float64)
+        >>> d = torchcurv.hessian_diag(lambda x: x * x * torch.arange(3.0, dtype=x.dtype))(x)
+        >>> torch.equal(d, torch.diag(torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)))
+        True
+    """
+    return _diagonal_transform("hessian_diag", func, argnums, mode, chunk_size, randomness)
+
+
+def laplacian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    mode: HessianMode = "fwd-over-rev",
+    chunk_size: HessianChunk = None,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """The Laplacian of `func`: the trace of its Hessian, without forming the Hessian.
+
+    ``y.shape`` for an output ``y`` (a scalar for a scalar function): entry ``j`` is
+    ``sum_i d^2 y_j / d x_i^2``, the sum running over every entry of the differentiated
+    argument(s). Computed as `torchcurv.hessian_diag` is, summed. Composes with
+    `torchcurv.per_sample` (``(B, *y)``) and with the other transforms.
+
+    Args:
+        func: A function of tensors returning a tensor.
+        argnums: Which positional argument(s) to differentiate: an int or a tuple.
+        mode: As in `torchcurv.hessian`.
+        chunk_size: As in `torchcurv.hessian`.
+        randomness: As in `torchcurv.hessian`.
+
+    Returns:
+        A function with the signature of `func` returning the Laplacian.
+
+    Raises:
+        TorchcurvError: On bad arguments, as `torchcurv.hessian`.
+
+    Example:
+        The Laplacian of ``|x|^2`` is ``2 n``; that of ``sin(x_1) sin(x_2)`` is
+        ``-2 sin(x_1) sin(x_2)``:
+
+        >>> import torch, torchcurv
+        >>> x = torch.randn(4, dtype=torch.float64)
+        >>> torchcurv.laplacian(lambda x: (x * x).sum())(x).item()
+        8.0
+        >>> u = lambda x: torch.sin(x[0]) * torch.sin(x[1])
+        >>> torch.allclose(torchcurv.laplacian(u)(x[:2]), -2 * u(x[:2]))
+        True
+    """
+    return _diagonal_transform("laplacian", func, argnums, mode, chunk_size, randomness)
+
+
+def _diagonal_transform(
+    name: str,
+    func: Callable[..., Any],
+    argnums: Any,
+    mode: Any,
+    chunk_size: Any,
+    randomness: Any,
+) -> Callable[..., Any]:
+    check_callable(name, func)
+    argnums = check_argnums(name, argnums)
+    mode = check_mode(name, mode, HESSIAN_MODES)
+    chunks = check_hessian_chunk_size(name, chunk_size)
+    randomness = check_randomness(name, randomness)
+    trace = name == "laplacian"
+    single = isinstance(argnums, int)
+    positions = (argnums,) if single else tuple(argnums)
+
+    def call(*args: Any) -> Any:
+        for i in positions:
+            if not -len(args) <= i < len(args):
+                argument_error(
+                    name,
+                    "argnums",
+                    f"must index the {len(args)} positional argument(s)",
+                    argnums,
+                    f"Use indices from 0 to {len(args) - 1}.",
+                )
+        picked = [i % len(args) for i in positions]
+        if single:
+            return hessian_diagonal(
+                func, picked[0], mode=mode, chunk_size=chunks, randomness=randomness, trace=trace
+            )(*args)
+        # The differentiated arguments as one tuple in front, the others after it.
+        rest = [a for i, a in enumerate(args) if i not in picked]
+
+        def packed(diff: tuple[Any, ...], *others: Any) -> Any:
+            full, given = list(args), iter(others)
+            for i in range(len(args)):
+                full[i] = diff[picked.index(i)] if i in picked else next(given)
+            return func(*full)
+
+        transform = hessian_diagonal(
+            packed, 0, mode=mode, chunk_size=chunks, randomness=randomness, trace=trace
+        )
+        return transform(tuple(args[i] for i in picked), *rest)
+
+    return call
+
+
 # --------------------------------------------------------------------------------------
 # Hessian-vector products
 # --------------------------------------------------------------------------------------
+
+
+def hessian_vector_product(func: Callable[..., Any], mode: str = "fwd-over-rev") -> Any:
+    """``H v`` of a scalar `func` with respect to its first argument, for the vector
+    ``v`` given as the last argument: ``product(x, *rest, v) = H_x func(x, *rest) v``.
+
+    One product, never the matrix: ``"fwd-over-rev"`` is the JVP of the gradient,
+    ``"rev-over-rev"`` the VJP of the gradient, ``"rev-over-fwd"`` the gradient of the
+    directional derivative ``grad f . v``. The result has the structure of ``x``.
+    Argument checks are the caller's (`torchcurv.per_sample_hvp` makes them).
+    """
+    inner, outer = HESSIAN_STAGES[mode]
+
+    def product(x: Any, *rest: Any) -> Any:
+        *others, v = rest
+
+        def f(y: Any) -> torch.Tensor:
+            value: torch.Tensor = func(y, *others)
+            return value.reshape(())
+
+        if inner == "fwd":  # rev-over-fwd
+
+            def directional(y: Any) -> torch.Tensor:
+                derivative: torch.Tensor = torch.func.jvp(f, (y,), (v,))[1]
+                return derivative
+
+            return torch.func.grad(directional)(x)
+        gradient = torch.func.grad(f)
+        if outer == "fwd":
+            return torch.func.jvp(gradient, (x,), (v,))[1]
+        pull = torch.func.vjp(gradient, x)[1]
+        return pull(v)[0]
+
+    return product
 
 
 def _scalar_grad(

@@ -27,6 +27,7 @@ from .._transforms import (
     hessian,
     hessian_basis_sizes,
     hessian_diagonal,
+    hessian_vector_product,
     jacobian,
     probing,
     vectorised_chunks,
@@ -79,7 +80,7 @@ def _probe(engine: GenericEngine, request: Request) -> str | None:
     chunks per stage) and say why it failed, if it failed for want of a rule."""
     obj = request.objective
     batch = Batch(request.function, obj.args(), obj.in_dims())
-    chunks = (1,) if engine.order == 1 else (1, 1)
+    chunks = tuple(1 for _ in engine.axes(request))
     work = engine.work(request, chunks)
     try:
         with (
@@ -122,6 +123,8 @@ class GenericEngine:
         (one sample, a chunk of one basis vector per stage); reverse-over-reverse is
         not (it needs only the double backward every differentiable op has).
         """
+        if request.quantity == "hvp" and self.mode == "fwd-over-fwd":
+            return "forward-over-forward gives v^T H v, not H v"
         if "fwd" not in self.mode or request.out_numel == 0 or request.in_numel == 0:
             return None
         obj = request.objective
@@ -136,6 +139,8 @@ class GenericEngine:
 
     def axes(self, request: Request) -> tuple[int, ...]:
         m, n = request.out_numel, request.in_numel
+        if request.quantity == "hvp":
+            return ()  # one product per sample: no basis
         if self.order == 1:
             return (n if self.mode == "fwd" else m,)
         inner, outer = hessian_basis_sizes(self.mode, m, n)
@@ -147,9 +152,14 @@ class GenericEngine:
         inner = "error" if request.randomness == "error" else "same"
         whole = all(c is None or c >= a for c, a in zip(chunks, self.axes(request), strict=True))
         absent = obj.absent()
-        func = with_nones(obj.per_sample, absent, len(obj.in_dims()))
+        count = len(obj.in_dims())
+        func = with_nones(obj.per_sample, absent, count)
         vectorised = True
-        if request.quantity != "hessian":
+        if request.quantity == "hvp":
+            product = hessian_vector_product(obj.per_sample, self.mode)
+            transform = with_nones(product, absent, count)
+            vectorised = False  # no chunks of torchcurv's
+        elif request.quantity != "hessian":
             transform = hessian_diagonal(
                 func,
                 mode=self.mode,

@@ -1083,6 +1083,8 @@ class StructuredEngine:
         obj = request.objective
         if request.order != 2:
             return "it computes Hessians only"
+        if request.quantity == "hvp":
+            return "it forms whole Hessians, and a Hessian-vector product needs none"
         if obj.wrt != "inputs":
             return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
         if len(obj.xs) != 1 or obj.kwargs:
@@ -1137,7 +1139,7 @@ class StructuredEngine:
         obj = request.objective
         features = tuple(obj.xs[0].shape[1:])
 
-        def batched(x: Tensor, _: object, targets: Tensor | None, __: object) -> Tensor:
+        def batched(x: Tensor, _: object, targets: Tensor | None, *__: object) -> Tensor:
             try:
                 with torch.set_grad_enabled(obj.create_graph):
                     hess = structured_input_hessian(

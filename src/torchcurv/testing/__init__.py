@@ -22,6 +22,7 @@ from ._assertions import assert_trees_close as assert_trees_close
 from ._assertions import tolerances as tolerances
 from ._check_model import ModelCheckReport as ModelCheckReport
 from ._check_model import check_model as check_model
+from ._quantities import assert_quantities_match_hessian as assert_quantities_match_hessian
 
 if TYPE_CHECKING:
     from . import strategies as strategies
@@ -36,6 +37,7 @@ __all__ = [
     "assert_matches_finite_differences",
     "assert_matches_reference",
     "assert_per_sample_matches_loop",
+    "assert_quantities_match_hessian",
     "assert_symmetric",
     "assert_trees_close",
     "check_model",
