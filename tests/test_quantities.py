@@ -281,3 +281,90 @@ def test_function_level_bad_arguments(function: Any) -> None:
         function(lambda x: x.sum(), mode="sideways")
     with pytest.raises(torchcurv.TorchcurvError, match="func"):
         function(3)
+
+
+# --------------------------------------------------------------------------------------
+# per_sample_laplacian's coordinates and weights
+# --------------------------------------------------------------------------------------
+
+
+def pinn() -> nn.Module:
+    """``u(t, x, y)`` with one output, as a PINN's network is."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1))
+
+
+@pytest.mark.parametrize("chunk", ["auto", None, (2, 1, 1)], ids=str)
+@pytest.mark.parametrize("mode", [*MODES, "structured"])
+def test_coordinates_and_weights_select_and_weigh_the_diagonal(mode: str, chunk: Any) -> None:
+    model = pinn().to(D)
+    X = torch.randn(5, 3, dtype=D)
+    diag = torchcurv.per_sample_hessian_diag(model, X, output=0, mode="rev-over-rev")  # [5, 3]
+    spatial = torchcurv.per_sample_laplacian(
+        model, X, output=0, coordinates=[1, 2], mode=mode, chunk_size=chunk
+    )
+    assert_trees_close(spatial, diag[:, 1] + diag[:, 2])
+    mask = torch.tensor([False, True, True])
+    masked = torchcurv.per_sample_laplacian(
+        model, X, output=0, coordinates=mask, mode=mode, chunk_size=chunk
+    )
+    assert_trees_close(masked, spatial)
+    weighted = torchcurv.per_sample_laplacian(
+        model, X, output=0, coordinates=[2, 0], weights=[0.5, -3.0], mode=mode, chunk_size=chunk
+    )
+    assert_trees_close(weighted, 0.5 * diag[:, 2] - 3.0 * diag[:, 0])
+    everywhere = torchcurv.per_sample_laplacian(
+        model, X, output=0, weights=torch.tensor([1.0, 2.0, 3.0]), mode=mode, chunk_size=chunk
+    )
+    assert_trees_close(everywhere, diag @ torch.tensor([1.0, 2.0, 3.0], dtype=D))
+
+
+def test_coordinates_run_over_every_differentiated_input_in_order() -> None:
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.sin(a).prod(-1) * torch.cos(b).sum(-1)
+
+    a, b = torch.randn(4, 2, dtype=D), torch.randn(4, 3, dtype=D)
+    H = torchcurv.per_sample_hessian(Two(), (a, b), argnums=(0, 1))
+    diag = torch.cat([H[0][0].diagonal(dim1=1, dim2=2), H[1][1].diagonal(dim1=1, dim2=2)], 1)
+    lap = torchcurv.per_sample_laplacian(Two(), (a, b), argnums=(0, 1), coordinates=[1, 4])
+    assert_trees_close(lap, diag[:, 1] + diag[:, 4])
+
+
+def test_repeated_calls_take_the_new_weights_and_gradients_flow() -> None:
+    model = pinn().to(D)
+    X = torch.randn(4, 3, dtype=D)
+    diag = torchcurv.per_sample_hessian_diag(model, X, output=0)
+    for w in ([1.0, 1.0], [2.0, -1.0]):
+        lap = torchcurv.per_sample_laplacian(model, X, output=0, coordinates=[1, 2], weights=w)
+        assert_trees_close(lap, w[0] * diag[:, 1] + w[1] * diag[:, 2])
+    lap = torchcurv.per_sample_laplacian(
+        model, X, output=0, coordinates=[1, 2], weights=[2.0, -1.0], create_graph=True
+    )
+    got = torch.autograd.grad(lap.pow(2).sum(), list(model.parameters()), materialize_grads=True)
+    full = torchcurv.per_sample_hessian_diag(model, X, output=0, create_graph=True)
+    reference_lap = 2.0 * full[:, 1] - full[:, 2]
+    expected = torch.autograd.grad(
+        reference_lap.pow(2).sum(), list(model.parameters()), materialize_grads=True
+    )
+    assert_trees_close(list(got), list(expected))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"coordinates": [3]}, r"must index the 3 differentiated entries"),
+        ({"coordinates": [1, 1]}, "must not repeat"),
+        ({"coordinates": []}, "non-empty sequence of ints"),
+        ({"coordinates": [0.5]}, "non-empty sequence of ints"),
+        ({"coordinates": torch.tensor([True, False])}, r"one sample's input shape \(3,\)"),
+        ({"coordinates": [0, 1], "weights": [1.0]}, r"one number per coordinate \(2\)"),
+        ({"weights": [1.0, 2.0]}, r"one number per entry of a sample \(3\)"),
+        ({"weights": "heavy"}, "weights"),
+    ],
+)
+def test_bad_coordinates_and_weights_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(torchcurv.TorchcurvError, match=message):
+        torchcurv.per_sample_laplacian(pinn().to(D), torch.randn(2, 3, dtype=D), **options)

@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -198,7 +198,8 @@ class _Template:
             obj.vectors = tree_map(lambda v: usable(v, False), vectors)
         _check_class_targets(obj, self.first.classes)
         r = self.request
-        return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel, r.quantity)
+        return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel,
+                       r.quantity, r.coordinates, r.weights)  # fmt: skip
 
     def work(self, chunks: tuple[int | None, ...]) -> Work:
         work = self._works.get(chunks)
@@ -400,6 +401,8 @@ def _prepare(
     randomness: str,
     create_graph: bool,
     quantity: str = "hessian",
+    coordinates: Any = None,
+    weights: Any = None,
     **what: Any,
 ) -> _Call:
     """Check, build the objective, choose the engine and plan: everything but the run.
@@ -408,7 +411,8 @@ def _prepare(
     prepared (`_Template`): only the plan of an ``"auto"`` chunk size is looked up again
     (the default budget follows the memory available).
     """
-    settings = (function, order, mode, chunk_size, memory_budget, randomness, quantity)
+    settings = (function, order, mode, chunk_size, memory_budget, randomness, quantity,
+                _selection_key(coordinates, weights))  # fmt: skip
     key = None if create_graph else _template_key(inputs, settings, what)
     templates = None if key is None else _TEMPLATES.get(module)
     template = None if templates is None else templates.get(key)
@@ -427,9 +431,9 @@ def _prepare(
         function, module, inputs, randomness, create_graph=create_graph, **what
     )
     first = _first_forward(obj)
-    request = Request(
-        function, obj, order, randomness, first.out_shape, numel(obj.probe_sample()[0]), quantity
-    )
+    in_numel = numel(obj.probe_sample()[0])
+    request = Request(function, obj, order, randomness, first.out_shape, in_numel, quantity,
+                      *_selection(function, obj, in_numel, coordinates, weights))  # fmt: skip
     if quantity == "hvp" and request.out_numel != 1:
         _refuse_non_scalar(request)
     engine, why_engine = choose(request, mode)
@@ -443,6 +447,94 @@ def _prepare(
             del templates[next(iter(templates))]  # the oldest
         templates[key] = template
     return _decide(request, template, batch_chunk, axis_chunks, memory_budget, planning_budget)
+
+
+def _selection_key(coordinates: Any, weights: Any) -> Any:
+    """The template key of a trace's coordinates and weights (values, as given)."""
+    if coordinates is None and weights is None:
+        return None
+    key = []
+    for value in (coordinates, weights):
+        if isinstance(value, torch.Tensor):
+            value = (
+                value.dtype,
+                value.device,
+                tuple(value.shape),
+                tuple(value.flatten().tolist()),
+            )
+        elif isinstance(value, (list, tuple)):
+            value = tuple(value)
+        key.append(value)
+    return tuple(key)
+
+
+def _selection(
+    function: str, obj: Objective, n: int, coordinates: Any, weights: Any
+) -> tuple[tuple[int, ...] | None, torch.Tensor | None]:
+    """Checked coordinates (flat indices into one sample's differentiated entries) and
+    weights of a trace."""
+    x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
+    shape = tuple(x.shape[1:])
+    indices = None
+    if coordinates is not None:
+        given = coordinates
+        if isinstance(given, torch.Tensor) and given.dtype == torch.bool:
+            if tuple(given.shape) != shape or not obj.single:
+                argument_error(
+                    function,
+                    "coordinates",
+                    f"as a boolean mask must have one sample's input shape {shape}",
+                    given,
+                    "Pass a mask shaped like one sample (x.shape[1:]), or flat indices.",
+                )
+            given = given.flatten().nonzero().flatten()
+        if isinstance(given, torch.Tensor):
+            given = given.tolist() if given.dim() == 1 and not given.is_floating_point() else given
+        if (
+            not isinstance(given, (list, tuple))
+            or not given
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in given)
+        ):
+            argument_error(
+                function,
+                "coordinates",
+                "must be a non-empty sequence of ints (flat indices into one sample's "
+                "differentiated entries) or a boolean mask of one sample's shape",
+                coordinates,
+                "Pass e.g. coordinates=[1, 2] for the spatial entries of (t, x, y).",
+            )
+        bad = [i for i in given if not 0 <= i < n]
+        if bad or len(set(given)) != len(given):
+            problem = (
+                f"must index the {n} differentiated entries of a sample (0 to {n - 1})"
+                if bad
+                else "must not repeat an index"
+            )
+            argument_error(
+                function,
+                "coordinates",
+                problem,
+                coordinates,
+                "Pass distinct flat indices in range (use weights= to weigh entries).",
+            )
+        indices = tuple(given)
+    if weights is None:
+        return indices, None
+    count = n if indices is None else len(indices)
+    try:
+        w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        w = None
+    if w is None or w.numel() != count or w.dim() > max(1, len(shape)):
+        argument_error(
+            function,
+            "weights",
+            f"must hold one number per {'coordinate' if indices else 'entry of a sample'} "
+            f"({count})",
+            weights,
+            "Pass a 1-D tensor of that length (or one sample's shape without coordinates).",
+        )
+    return indices, w.reshape(-1)
 
 
 def _refuse_non_scalar(request: Request) -> None:
@@ -1120,6 +1212,8 @@ def per_sample_laplacian(
     loss: LossFunction | None = None,
     kwargs: Mapping[str, Any] | None = None,
     argnums: int | tuple[int, ...] | None = None,
+    coordinates: Sequence[int] | torch.Tensor | None = None,
+    weights: Sequence[float] | torch.Tensor | None = None,
     mode: str = "auto",
     chunk_size: ModuleChunk = "auto",
     memory_budget: int | float | str | None = None,
@@ -1133,6 +1227,9 @@ def per_sample_laplacian(
     ``[B, 1, n, n]`` there). With several differentiated inputs (tuple `argnums`) the
     trace runs over all of their entries. Exact, computed as
     `per_sample_hessian_diag` is (each chunk of basis vectors reduced at once), summed.
+    `coordinates` restricts the sum to some entries (the spatial ones of a PINN's
+    ``(t, x, y)``, not time), and only their basis vectors are computed; `weights` gives
+    the weighted sum ``sum_i w_i d^2 y / d x_i^2`` (an anisotropic diffusion).
 
     Args:
         module: The model; never modified.
@@ -1142,6 +1239,11 @@ def per_sample_laplacian(
         loss: ``loss(out, target) -> scalar``.
         kwargs: Keyword arguments for the forward, the same for every sample.
         argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        coordinates: The entries the sum runs over: flat indices into one sample's
+            differentiated entries (in order, over all of them with tuple `argnums`), or
+            a boolean mask of one sample's shape. None: all.
+        weights: One weight per coordinate (per entry of a sample without
+            coordinates, flat or in the sample's shape), the same for every sample.
         mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
             outer)``.
@@ -1168,6 +1270,9 @@ def per_sample_laplacian(
         >>> X = torch.randn(3, 4, dtype=torch.float64)
         >>> torchcurv.per_sample_laplacian(Quadratic(), X)[0]
         tensor([0., 2., 4., 6.], dtype=torch.float64)
+        >>> torchcurv.per_sample_laplacian(Quadratic(), X, coordinates=[1, 3],
+        ...                                weights=[10.0, 1.0])[0]  # 10 * 2 e_1 + 6 e_3
+        tensor([ 0., 20.,  0.,  6.], dtype=torch.float64)
     """
     name = "per_sample_laplacian"
     with _grad_mode(name, create_graph):
@@ -1182,6 +1287,8 @@ def per_sample_laplacian(
             randomness=randomness,
             create_graph=create_graph,
             quantity="trace",
+            coordinates=coordinates,
+            weights=weights,
             wrt="inputs",
             params=None,
             output=output,
@@ -1269,6 +1376,9 @@ def explain(
             *(("vectors",) if quantity == "hvp" else ()),
         )
     }
+    if inputs_only:
+        plan_options["coordinates"] = options.pop("coordinates", None)
+        plan_options["weights"] = options.pop("weights", None)
     what["wrt"] = "inputs" if inputs_only else options.pop("wrt", "inputs")
     what.setdefault("params", None)
     if options:

@@ -228,6 +228,26 @@ def _basis_chunk(like: Sequence[torch.Tensor], start: int, rows: int) -> tuple[t
     return tuple(pieces)
 
 
+def _selected_basis_chunk(
+    like: Sequence[torch.Tensor], indices: Sequence[int]
+) -> tuple[torch.Tensor, ...]:
+    """The basis vectors ``e_i`` for `indices` (flat, over all leaves of `like`), laid
+    out as `_basis_chunk` lays them out."""
+    pieces = []
+    offset = 0
+    rows = len(indices)
+    for leaf in like:
+        size = leaf.numel()
+        piece = torch.zeros(rows, size, dtype=leaf.dtype, device=leaf.device)
+        hits = [(r, i - offset) for r, i in enumerate(indices) if offset <= i < offset + size]
+        if hits:
+            r, c = zip(*hits, strict=True)
+            piece[list(r), list(c)] = 1
+        pieces.append(piece.view(rows, *leaf.shape))
+        offset += size
+    return tuple(pieces)
+
+
 def _map_basis(
     push: Callable[..., Any],
     like: Sequence[torch.Tensor],
@@ -235,14 +255,17 @@ def _map_basis(
     randomness: str,
     name: str,
     shared: tuple[bool, ...] | None = None,
+    coordinates: Sequence[int] | None = None,
 ) -> Any:
     """``vmap(push)`` over the standard basis of `like`, a chunk at a time.
 
     `push` returns a tuple when `shared` is given: parts flagged True do not depend on
     the basis vector (primal values, aux); they are taken once, from the first row of
     the first chunk. Other outputs are concatenated over chunks along dim 0.
+    `coordinates` (flat indices over the leaves) restricts the basis to those vectors,
+    in that order.
     """
-    total = sum(leaf.numel() for leaf in like)
+    total = sum(leaf.numel() for leaf in like) if coordinates is None else len(coordinates)
     step = max(1, total if chunk_size is None else min(chunk_size, total))
     starts = range(0, total, step)
     replay = _RNGReplay(like) if randomness == "same" and len(starts) > 1 else None
@@ -271,7 +294,12 @@ def _map_basis(
         if replay is not None and index > 0:
             replay.replay()
         try:
-            result = mapped(*_basis_chunk(like, start, rows))
+            basis = (
+                _basis_chunk(like, start, rows)
+                if coordinates is None
+                else _selected_basis_chunk(like, coordinates[start : start + rows])
+            )
+            result = mapped(*basis)
             if shared is not None and index > 0:  # shared parts: the first chunk's only
                 result = tuple(
                     None if is_shared else r for r, is_shared in zip(result, shared, strict=True)
@@ -632,9 +660,16 @@ def hessian_diagonal(
     chunk_size: tuple[int | None, int | None] = (None, None),
     randomness: str = "error",
     trace: bool = False,
+    coordinates: Sequence[int] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> Callable[..., Any]:
     """The diagonal of the Hessian of a tensor-valued `func` with respect to the pytree
     at `argnums` (or its trace, ``trace=True``), without forming the Hessian.
+
+    With ``trace=True``, `coordinates` (flat indices over the differentiated entries)
+    restricts the trace to those entries and `weights` (one per coordinate, or per entry
+    without coordinates) weighs them: ``sum_i w_i d^2 y / d x_i^2``; only the selected
+    basis vectors are pushed through.
 
     The outer stage pushes the input's standard basis through, a chunk of vectors ``v``
     at a time (`_map_basis`), and reduces each chunk at once to ``v^T H_y v`` for every
@@ -681,12 +716,16 @@ def hessian_diagonal(
                 quadratic_form: torch.Tensor = column @ v
                 return quadratic_form
 
-            quads = _map_basis(quadratic, flat_in, outer_chunk, randomness, name)  # [N, Y]
+            quads = _map_basis(  # [N, Y]
+                quadratic, flat_in, outer_chunk, randomness, name, coordinates=coordinates
+            )
             if not shapes:  # no basis vectors: an empty input
                 out = func(*args)
                 shapes.append(tuple(out.shape))
             y_shape = shapes[0]
             if trace:
+                if weights is not None:
+                    quads = quads * weights.reshape(-1, *([1] * (quads.dim() - 1)))
                 return quads.sum(0).reshape(y_shape)
             per_y = quads.transpose(0, 1) if quads.dim() == 2 else quads
             leaves, offset = [], 0

@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from .._errors import UnsupportedModuleError
 from .._objective import Objective
 from .._runner import Work
@@ -57,6 +59,9 @@ class Request:
         quantity: What of the second derivative (order 2): ``"hessian"`` (the whole
             matrix), ``"diagonal"`` or ``"trace"``, reduced as each basis chunk is
             computed.
+        coordinates: For a trace: the flat indices of the differentiated entries it
+            runs over (None: all of them).
+        weights: For a trace: one weight per coordinate (None: all ones).
     """
 
     function: str
@@ -66,6 +71,8 @@ class Request:
     out_shape: tuple[int, ...]
     in_numel: int
     quantity: str = "hessian"
+    coordinates: tuple[int, ...] | None = None
+    weights: torch.Tensor | None = None
 
     @property
     def out_numel(self) -> int:

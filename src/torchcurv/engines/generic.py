@@ -144,8 +144,11 @@ class GenericEngine:
         if self.order == 1:
             return (n if self.mode == "fwd" else m,)
         inner, outer = hessian_basis_sizes(self.mode, m, n)
-        # A diagonal or a trace pushes the input's basis through the outer stage.
-        return (inner, outer) if request.quantity == "hessian" else (inner, n)
+        if request.quantity == "hessian":
+            return inner, outer
+        # A diagonal or a trace pushes the input's basis (its selected coordinates)
+        # through the outer stage.
+        return inner, n if request.coordinates is None else len(request.coordinates)
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
@@ -166,6 +169,8 @@ class GenericEngine:
                 chunk_size=(chunks[0], chunks[1]),
                 randomness=inner,
                 trace=request.quantity == "trace",
+                coordinates=request.coordinates,
+                weights=request.weights,
             )
         elif whole and request.out_numel and request.in_numel:
             # Unchunked: torch.func's own composition, which the objective's forward

@@ -1157,6 +1157,10 @@ class StructuredEngine:
             n = math.prod(features)
             diagonal = hess.reshape(x.shape[0], -1, n, n).diagonal(dim1=2, dim2=3)
             if request.quantity == "trace":
+                if request.coordinates is not None:
+                    diagonal = diagonal[..., list(request.coordinates)]
+                if request.weights is not None:
+                    diagonal = diagonal * request.weights
                 return diagonal.sum(-1).reshape(x.shape[0], *request.out_shape)
             return diagonal.reshape(x.shape[0], *request.out_shape, *features)
 
