@@ -16,6 +16,7 @@ from ._modules import explain as explain
 from ._modules import functional as functional
 from ._modules import per_sample_hessian as per_sample_hessian
 from ._modules import per_sample_hessian_diag as per_sample_hessian_diag
+from ._modules import per_sample_hessian_eigvalsh as per_sample_hessian_eigvalsh
 from ._modules import per_sample_hvp as per_sample_hvp
 from ._modules import per_sample_jacobian as per_sample_jacobian
 from ._modules import per_sample_laplacian as per_sample_laplacian
@@ -47,6 +48,7 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "per_sample_jacobian",
     # per-sample quantities of the Hessian
     "per_sample_hessian_diag",
+    "per_sample_hessian_eigvalsh",
     "per_sample_hvp",
     "per_sample_laplacian",
     # decisions and memory

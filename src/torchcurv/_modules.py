@@ -45,6 +45,7 @@ from ._errors import (
     describe,
 )
 from ._functional import functional as functional
+from ._layout import to_matrix
 from ._memory import (
     DEFAULT_WORKING_SET,
     SAFETY_MARGIN,
@@ -74,6 +75,7 @@ from ._runner import (
     measure_work,
     random_error,
     run_batches,
+    sample_seeds,
     unbatchable,
 )
 from ._transforms import hessian
@@ -98,6 +100,7 @@ __all__ = [
     "functional",
     "per_sample_hessian",
     "per_sample_hessian_diag",
+    "per_sample_hessian_eigvalsh",
     "per_sample_hvp",
     "per_sample_jacobian",
     "per_sample_laplacian",
@@ -199,7 +202,8 @@ class _Template:
         _check_class_targets(obj, self.first.classes)
         r = self.request
         return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel,
-                       r.quantity, r.coordinates, r.weights)  # fmt: skip
+                       r.quantity, r.coordinates, r.weights, r.method, r.num_samples,
+                       r.k)  # fmt: skip
 
     def work(self, chunks: tuple[int | None, ...]) -> Work:
         work = self._works.get(chunks)
@@ -403,6 +407,10 @@ def _prepare(
     quantity: str = "hessian",
     coordinates: Any = None,
     weights: Any = None,
+    method: str = "exact",
+    num_samples: Any = None,
+    generator: Any = None,
+    k: Any = None,
     **what: Any,
 ) -> _Call:
     """Check, build the objective, choose the engine and plan: everything but the run.
@@ -411,14 +419,17 @@ def _prepare(
     prepared (`_Template`): only the plan of an ``"auto"`` chunk size is looked up again
     (the default budget follows the memory available).
     """
+    _check_method(function, quantity, method, num_samples, generator)
     settings = (function, order, mode, chunk_size, memory_budget, randomness, quantity,
-                _selection_key(coordinates, weights))  # fmt: skip
+                _selection_key(coordinates, weights), method, num_samples, k)  # fmt: skip
     key = None if create_graph else _template_key(inputs, settings, what)
     templates = None if key is None else _TEMPLATES.get(module)
     template = None if templates is None else templates.get(key)
     if template is not None and template.state == module_state(module):
         batch_chunk, axis_chunks = template.chunks
         request = template.request_for(inputs, what["targets"], what.get("vectors"))
+        if method != "exact":  # new probes for every call
+            request.objective.vectors = sample_seeds(request.objective.batch_size(), generator)
         return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
     n_axes = 0 if quantity == "hvp" else order  # an HVP has no basis to chunk
@@ -427,13 +438,28 @@ def _prepare(
     planning_budget = None
     if memory_budget is not None:  # before the first forward and the probes
         planning_budget = budget_after_setup(function, memory_budget, inputs)
-    obj, _ = per_sample_objective(
+    obj, size = per_sample_objective(
         function, module, inputs, randomness, create_graph=create_graph, **what
     )
+    if method != "exact":  # the probes' seeds, one per sample, passed in batched
+        obj.vectors = sample_seeds(size, generator)
     first = _first_forward(obj)
     in_numel = numel(obj.probe_sample()[0])
     request = Request(function, obj, order, randomness, first.out_shape, in_numel, quantity,
-                      *_selection(function, obj, in_numel, coordinates, weights))  # fmt: skip
+                      *_selection(function, obj, in_numel, coordinates, weights), method,
+                      num_samples)  # fmt: skip
+    if quantity == "eigvalsh":
+        request = _eigen_request(request, k, num_samples)
+    if method == "hutch++" and (request.out_numel != 1 or coordinates is not None
+                                or weights is not None):  # fmt: skip
+        argument_error(
+            function,
+            "method",
+            "'hutch++' needs an objective with one entry per sample and no coordinates or "
+            f"weights; the selected output has shape {request.out_shape}",
+            method,
+            "Select one output (output=0), or use method='hutchinson' or 'exact'.",
+        )
     if quantity == "hvp" and request.out_numel != 1:
         _refuse_non_scalar(request)
     engine, why_engine = choose(request, mode)
@@ -447,6 +473,62 @@ def _prepare(
             del templates[next(iter(templates))]  # the oldest
         templates[key] = template
     return _decide(request, template, batch_chunk, axis_chunks, memory_budget, planning_budget)
+
+
+_METHODS = {
+    "diagonal": ("exact", "hutchinson"),
+    "trace": ("exact", "hutchinson", "hutch++"),
+    "eigvalsh": ("lanczos",),
+}
+
+
+def _check_method(
+    function: str, quantity: str, method: Any, num_samples: Any, generator: Any
+) -> None:
+    """The estimator options of a diagonal or a trace."""
+    methods = _METHODS.get(quantity, ("exact",))
+    if method not in methods:
+        argument_error(
+            function,
+            "method",
+            f"must be one of {', '.join(repr(m) for m in methods)}",
+            method,
+            f"Pass method={methods[-1]!r} for an estimate, or 'exact'.",
+        )
+    if method == "exact":
+        for argument, value in (("num_samples", num_samples), ("generator", generator)):
+            if value is not None:
+                argument_error(
+                    function,
+                    argument,
+                    "applies to the estimators only",
+                    value,
+                    f"Drop {argument}=, or pass method='hutchinson'.",
+                )
+        return
+    least = 3 if method == "hutch++" else 1
+    if method == "lanczos" and num_samples is None:
+        pass  # the iterations default to a number of the dimension
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < least:
+        argument_error(
+            function,
+            "num_samples",
+            f"must be an int >= {least} (Hessian-vector products per sample) with "
+            f"method={method!r}",
+            num_samples,
+            "Pass e.g. num_samples=30 (the error falls as 1/sqrt(num_samples)"
+            + (", faster with hutch++)." if method == "hutchinson" else ")."),
+        )
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+    ):
+        argument_error(
+            function,
+            "generator",
+            "must be a CPU torch.Generator (or None for the global one)",
+            generator,
+            "Pass torch.Generator().manual_seed(0) for reproducible probes.",
+        )
 
 
 def _selection_key(coordinates: Any, weights: Any) -> Any:
@@ -535,6 +617,28 @@ def _selection(
             "Pass a 1-D tensor of that length (or one sample's shape without coordinates).",
         )
     return indices, w.reshape(-1)
+
+
+def _eigen_request(request: Request, k: Any, iterations: Any) -> Request:
+    """The request of `per_sample_hessian_eigvalsh`: `k` checked against the dimension,
+    the Lanczos iterations defaulted (``max(2 k, k + 20)``) and capped at it."""
+    if request.out_numel != 1:
+        _refuse_non_scalar(request)
+    n = request.in_numel
+    _check_k(request.function, k, n)
+    steps = min(n, max(2 * k, k + 20) if iterations is None else iterations)
+    return dataclasses.replace(request, num_samples=steps, k=k)
+
+
+def _check_k(function: str, k: Any, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        argument_error(
+            function,
+            "k",
+            f"must be an int from 1 to the {n} differentiated entries of a sample",
+            k,
+            f"Pass k between 1 and {n}.",
+        )
 
 
 def _refuse_non_scalar(request: Request) -> None:
@@ -784,6 +888,8 @@ def _result_bytes(request: Request) -> int:
     """Bytes of one sample's result: ``out x in^order`` entries (``out x in`` for a
     diagonal, ``out`` for a trace)."""
     item = itemsize(request.objective.probe_sample()[0])
+    if request.quantity == "eigvalsh":
+        return int((request.k or 1) * item)
     power = {"hessian": request.order, "diagonal": 1, "trace": 0, "hvp": 1}[request.quantity]
     return int(request.out_numel * request.in_numel**power * item)
 
@@ -1011,6 +1117,9 @@ def per_sample_hessian_diag(
     params: ParamSelection = None,
     kwargs: Mapping[str, Any] | None = None,
     argnums: int | tuple[int, ...] | None = None,
+    method: Literal["exact", "hutchinson"] = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
     mode: str = "auto",
     chunk_size: ModuleChunk = "auto",
     memory_budget: int | float | str | None = None,
@@ -1029,6 +1138,12 @@ def per_sample_hessian_diag(
     its diagonal where that applies and is predicted faster. The trace of a parameter
     Hessian is the sum of this diagonal (for input Hessians: `per_sample_laplacian`).
 
+    ``method="hutchinson"`` estimates it instead from `num_samples` Hessian-vector
+    products per sample with Rademacher probes ``v`` (the mean of ``v * (H v)``,
+    unbiased); sample ``i``'s probes come from a seed keyed by ``(seed, i)``, the seed
+    drawn from `generator` (the global generator when None), so they depend on neither
+    the chunking nor the batch size, and a seeded generator reproduces them.
+
     Args:
         module: The model; never modified.
         inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
@@ -1039,6 +1154,9 @@ def per_sample_hessian_diag(
         params: Which parameters, see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
         argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        method: ``"exact"`` or ``"hutchinson"`` (an unbiased estimate).
+        num_samples: Probes (Hessian-vector products) per sample, for the estimate.
+        generator: A CPU `torch.Generator` the estimate's seed is drawn from.
         mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"`` (as in
             `per_sample_hessian`).
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
@@ -1082,6 +1200,9 @@ def per_sample_hessian_diag(
             randomness=randomness,
             create_graph=create_graph,
             quantity="diagonal",
+            method=method,
+            num_samples=num_samples,
+            generator=generator,
             wrt=wrt,
             params=params,
             output=output,
@@ -1214,6 +1335,9 @@ def per_sample_laplacian(
     argnums: int | tuple[int, ...] | None = None,
     coordinates: Sequence[int] | torch.Tensor | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
+    method: Literal["exact", "hutchinson", "hutch++"] = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
     mode: str = "auto",
     chunk_size: ModuleChunk = "auto",
     memory_budget: int | float | str | None = None,
@@ -1231,6 +1355,14 @@ def per_sample_laplacian(
     ``(t, x, y)``, not time), and only their basis vectors are computed; `weights` gives
     the weighted sum ``sum_i w_i d^2 y / d x_i^2`` (an anisotropic diffusion).
 
+    ``method="hutchinson"`` estimates it from `num_samples` Hessian-vector products per
+    sample with Rademacher probes ``v`` (the mean of ``(w * v) . (H v)``, unbiased; with
+    `coordinates` the probes are zero elsewhere); ``method="hutch++"`` (one-entry
+    objectives) spends a third of them sketching the Hessian's range, whose trace it
+    takes exactly, a third on that, and a third on Hutchinson for the rest: a lower
+    variance when the spectrum decays. Probes are seeded per sample as in
+    `per_sample_hessian_diag`.
+
     Args:
         module: The model; never modified.
         inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
@@ -1244,6 +1376,10 @@ def per_sample_laplacian(
             a boolean mask of one sample's shape. None: all.
         weights: One weight per coordinate (per entry of a sample without
             coordinates, flat or in the sample's shape), the same for every sample.
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
+        num_samples: Hessian-vector products per sample, for the estimates (Hutch++
+            uses ``num_samples // 3`` for each of its three parts).
+        generator: A CPU `torch.Generator` the estimate's seed is drawn from.
         mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
             outer)``.
@@ -1289,6 +1425,9 @@ def per_sample_laplacian(
             quantity="trace",
             coordinates=coordinates,
             weights=weights,
+            method=method,
+            num_samples=num_samples,
+            generator=generator,
             wrt="inputs",
             params=None,
             output=output,
@@ -1300,12 +1439,158 @@ def per_sample_laplacian(
         return _run(call)
 
 
+def per_sample_hessian_eigvalsh(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    k: int,
+    wrt: Wrt = "inputs",
+    output: OutputSelection = None,
+    targets: torch.Tensor | None = None,
+    loss: LossFunction | None = None,
+    params: ParamSelection = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    method: Literal["lanczos", "dense"] = "lanczos",
+    num_iterations: int | None = None,
+    generator: torch.Generator | None = None,
+    mode: str = "auto",
+    chunk_size: Any = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """The `k` algebraically largest eigenvalues of each sample's Hessian, ``[B, k]``.
+
+    For an objective with one entry per sample (``output=`` selecting one entry, or a
+    scalar ``loss=``), ascending as `torch.linalg.eigvalsh` returns them, over all the
+    differentiated entries (``wrt="params"``: the whole parameter Hessian, its blocks
+    joined as `torchcurv.to_matrix` joins them).
+
+    ``method="lanczos"`` (default) never forms the Hessian: `num_iterations` steps of
+    Lanczos with full reorthogonalization per sample (default ``max(2 k, k + 20)``,
+    capped at the dimension ``n``, where the values are exact up to rounding), one
+    Hessian-vector product each, from a Rademacher start vector seeded per sample as the
+    estimators' probes are (`generator`; a breakdown, when the Krylov space is
+    exhausted, restarts from the next seeded vector). The values returned are the
+    Rayleigh quotients of the Ritz vectors. Fewer iterations than ``n`` give the largest
+    eigenvalues approximately (they converge first, fastest when well separated).
+    ``method="dense"`` forms each sample's Hessian (`per_sample_hessian`, planned and
+    chunked as usual, memory ``O(n^2)`` per sample) and calls `torch.linalg.eigvalsh`.
+
+    With ``create_graph=True`` the gradient of an eigenvalue is ``v^T (dH) v`` with its
+    eigenvector ``v`` held fixed (the Ritz vector for Lanczos); it is undefined where
+    eigenvalues repeat.
+
+    Args:
+        module: The model; never modified.
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        k: How many eigenvalues, from 1 to ``n``.
+        wrt: ``"inputs"``, ``"params"`` or ``"both"``.
+        output: Which output (see `per_sample_hessian`); it must select one entry.
+        targets: One target per sample, with `loss`.
+        loss: ``loss(out, target) -> scalar``.
+        params: Which parameters, see `torchcurv.functional`.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        method: ``"lanczos"`` or ``"dense"``.
+        num_iterations: Lanczos steps per sample (products with the Hessian).
+        generator: A CPU `torch.Generator` the start vectors' seed is drawn from.
+        mode: For Lanczos, a `per_sample_hvp` mode; for dense, a `per_sample_hessian`
+            mode.
+        chunk_size: ``"auto"``, None or an int (samples per chunk); dense also takes
+            `per_sample_hessian`'s tuples.
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: True keeps the eigenvalues differentiable.
+
+    Returns:
+        ``[B, k]``: each sample's `k` largest eigenvalues, ascending.
+
+    Raises:
+        UnsupportedModuleError: As `per_sample_hessian`.
+        MemoryBudgetError: If the budget cannot be met.
+        TorchcurvError: For bad arguments: an objective with more than one entry, `k`
+            out of range, `num_iterations` with the dense method.
+
+    Example:
+        ``sum(a * x**3) / 6`` has the Hessian ``diag(a * x)``:
+
+        >>> import torch, torchcurv
+        >>> class Cubic(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return (torch.arange(1.0, 5.0, dtype=x.dtype) * x**3).sum(-1) / 6
+        >>> X = torch.randn(3, 4, dtype=torch.float64)
+        >>> top = torchcurv.per_sample_hessian_eigvalsh(Cubic(), X, k=2)
+        >>> exact = (torch.arange(1.0, 5.0, dtype=torch.float64) * X).sort(-1).values[:, -2:]
+        >>> torch.allclose(top, exact)
+        True
+    """
+    name = "per_sample_hessian_eigvalsh"
+    what: dict[str, Any] = {"wrt": wrt, "output": output, "targets": targets, "loss": loss,
+                            "params": params, "kwargs": kwargs, "argnums": argnums}  # fmt: skip
+    if method == "dense":
+        if num_iterations is not None or generator is not None:
+            argument_error(
+                name,
+                "num_iterations" if num_iterations is not None else "generator",
+                "applies to method='lanczos' only",
+                num_iterations if num_iterations is not None else generator,
+                "Drop it, or pass method='lanczos'.",
+            )
+        H = per_sample_hessian(
+            module, inputs, mode=mode, chunk_size=chunk_size, memory_budget=memory_budget,
+            randomness=randomness, create_graph=create_graph, **what,
+        )  # fmt: skip
+        matrix = to_matrix(H, batch_dims=1)
+        entries = sum(t.numel() for t in tree_flatten(H)[0])
+        if matrix.shape[-1] != matrix.shape[-2] or entries != matrix.numel():
+            argument_error(
+                name,
+                "output",
+                "must select an objective with one entry per sample for eigenvalues",
+                output,
+                "Select one entry (output=0), or pass a scalar loss= with targets=.",
+            )
+        _check_k(name, k, matrix.shape[-1])
+        symmetric = (matrix + matrix.transpose(-2, -1)) / 2
+        values: torch.Tensor = torch.linalg.eigvalsh(symmetric)[..., -k:]
+        return values
+    if method != "lanczos":
+        argument_error(
+            name, "method", "must be 'lanczos' or 'dense'", method,
+            "Pass method='lanczos' (no Hessian formed) or 'dense'.",
+        )  # fmt: skip
+    check_mode(name, mode, HVP_MODES)
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            quantity="eigvalsh",
+            method="lanczos",
+            num_samples=num_iterations,
+            generator=generator,
+            k=k,
+            **what,
+        )
+        result: torch.Tensor = _run(call)
+        return result
+
+
 _EXPLAINABLE: dict[Callable[..., Any], tuple[str, int, str]] = {
     per_sample_hessian: ("per_sample_hessian", 2, "hessian"),
     per_sample_jacobian: ("per_sample_jacobian", 1, "hessian"),
     per_sample_hessian_diag: ("per_sample_hessian_diag", 2, "diagonal"),
     per_sample_laplacian: ("per_sample_laplacian", 2, "trace"),
     per_sample_hvp: ("per_sample_hvp", 2, "hvp"),
+    per_sample_hessian_eigvalsh: ("per_sample_hessian_eigvalsh", 2, "eigvalsh"),
 }
 
 
@@ -1379,6 +1664,20 @@ def explain(
     if inputs_only:
         plan_options["coordinates"] = options.pop("coordinates", None)
         plan_options["weights"] = options.pop("weights", None)
+    if quantity == "eigvalsh":
+        if options.pop("method", "lanczos") != "lanczos":
+            argument_error(
+                "explain", "options", "explains method='lanczos' only", "method",
+                "Explain the dense method's Hessian: explain(per_sample_hessian, ...).",
+            )  # fmt: skip
+        plan_options["method"] = "lanczos"
+        plan_options["num_samples"] = options.pop("num_iterations", None)
+        plan_options["generator"] = options.pop("generator", None)
+        plan_options["k"] = options.pop("k", None)
+    elif quantity in _METHODS:
+        plan_options["method"] = options.pop("method", "exact")
+        plan_options["num_samples"] = options.pop("num_samples", None)
+        plan_options["generator"] = options.pop("generator", None)
     what["wrt"] = "inputs" if inputs_only else options.pop("wrt", "inputs")
     what.setdefault("params", None)
     if options:

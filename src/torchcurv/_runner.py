@@ -516,6 +516,33 @@ def vmapped(
     return Work(batched, single)
 
 
+def sample_seeds(size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One seed per sample, ``[size]`` int64 on the CPU: sample ``i``'s is a hash of
+    ``(seed, i)``, the seed drawn from `generator` (the global generator when None), so
+    a sample's random draws depend on neither the chunking nor the batch size."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    mask = 2**63 - 1
+    seeds = []
+    for i in range(size):  # splitmix64 of (seed, i)
+        z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        seeds.append((z ^ (z >> 31)) & mask)
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def rademacher(
+    seeds: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``[len(seeds), *shape]`` Rademacher signs (+-1), each sample's from its seed."""
+    rows = []
+    for seed in seeds.tolist():
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        rows.append(torch.randint(0, 2, shape, generator=generator, dtype=torch.int8))
+    signs = torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.int8)
+    return (signs * 2 - 1).to(dtype=dtype, device=device)
+
+
 def with_nones(func: Callable[..., Any], absent: tuple[int, ...], count: int) -> Any:
     """`func` of `count` arguments as a function of those not at the positions `absent`
     (None is passed there)."""

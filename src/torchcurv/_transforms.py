@@ -13,6 +13,7 @@ Jacobian, so both of its stages are chunked by the same code.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -256,8 +257,13 @@ def _map_basis(
     name: str,
     shared: tuple[bool, ...] | None = None,
     coordinates: Sequence[int] | None = None,
+    rows: Sequence[torch.Tensor] | None = None,
 ) -> Any:
     """``vmap(push)`` over the standard basis of `like`, a chunk at a time.
+
+    `rows` (one ``[S, *leaf.shape]`` tensor per leaf) replaces the basis by ``S`` given
+    vectors (the probes of an estimator); the results are then summed over them, chunk
+    by chunk, instead of concatenated.
 
     `push` returns a tuple when `shared` is given: parts flagged True do not depend on
     the basis vector (primal values, aux); they are taken once, from the first row of
@@ -266,6 +272,8 @@ def _map_basis(
     in that order.
     """
     total = sum(leaf.numel() for leaf in like) if coordinates is None else len(coordinates)
+    if rows is not None:
+        total = rows[0].shape[0]
     step = max(1, total if chunk_size is None else min(chunk_size, total))
     starts = range(0, total, step)
     replay = _RNGReplay(like) if randomness == "same" and len(starts) > 1 else None
@@ -279,7 +287,7 @@ def _map_basis(
     copied = range(1, len(starts) - (2 if total % step else 1)) if _PROBING.get() else range(0)
     results: list[Any] = []
     for index, start in enumerate(starts):
-        rows = min(step, total - start)
+        count = min(step, total - start)
         if index in copied:
             if shared is None:
                 results.append(tree_map(torch.clone, results[0]))
@@ -294,12 +302,15 @@ def _map_basis(
         if replay is not None and index > 0:
             replay.replay()
         try:
-            basis = (
-                _basis_chunk(like, start, rows)
-                if coordinates is None
-                else _selected_basis_chunk(like, coordinates[start : start + rows])
-            )
+            if rows is not None:
+                basis = tuple(r[start : start + count] for r in rows)
+            elif coordinates is None:
+                basis = _basis_chunk(like, start, count)
+            else:
+                basis = _selected_basis_chunk(like, coordinates[start : start + count])
             result = mapped(*basis)
+            if rows is not None:  # summed as it goes: O(chunk) numbers, never O(S)
+                result = result.sum(0)
             if shared is not None and index > 0:  # shared parts: the first chunk's only
                 result = tuple(
                     None if is_shared else r for r, is_shared in zip(result, shared, strict=True)
@@ -318,6 +329,8 @@ def _map_basis(
             if "randomness error mode" not in str(error):
                 raise
             raise _random_error(name) from None
+    if rows is not None:
+        return functools.reduce(torch.add, results)
     if shared is None:
         return results[0] if len(results) == 1 else _concat(results)
     return tuple(
@@ -662,9 +675,16 @@ def hessian_diagonal(
     trace: bool = False,
     coordinates: Sequence[int] | None = None,
     weights: torch.Tensor | None = None,
+    estimate: bool = False,
 ) -> Callable[..., Any]:
     """The diagonal of the Hessian of a tensor-valued `func` with respect to the pytree
     at `argnums` (or its trace, ``trace=True``), without forming the Hessian.
+
+    ``estimate=True`` gives Hutchinson's estimate instead: the returned function takes
+    the probes as one more, last, argument (``[S, N]``, flat over the differentiated
+    entries, Rademacher in practice), pushes them through in chunks of the outer chunk
+    size and returns the mean over them of ``v * (H_y v)`` (the diagonal) or of
+    ``(w * v) . (H_y v)`` (the trace; probes zeroed outside `coordinates`).
 
     With ``trace=True``, `coordinates` (flat indices over the differentiated entries)
     restricts the trace to those entries and `weights` (one per coordinate, or per entry
@@ -687,7 +707,8 @@ def hessian_diagonal(
     inner_chunk, outer_chunk = chunk_size
     inner = _jacobian(func, argnums, inner_mode, inner_chunk, False, randomness, name)
 
-    def diagonal(*args: Any) -> Any:
+    def diagonal(*given: Any) -> Any:
+        args, probes = (given[:-1], given[-1]) if estimate else (given, None)
         with DERIVATIVE_LOCK, corrected_ops():
             flat_in, in_spec = tree_flatten(args[argnums])
             shapes: list[tuple[int, ...]] = []
@@ -701,21 +722,28 @@ def hessian_diagonal(
                     shapes.append(tuple(leaves[0].shape[: leaves[0].dim() - flat_in[0].dim()]))
                 return torch.cat([leaf.reshape(rows, -1) for leaf in leaves], dim=-1)
 
+            def column_of(basis: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+                """``H_y v`` for every output entry ``y``: ``[Y, N]``."""
+                tangent = tree_unflatten(list(basis), in_spec)
+                if outer_mode == "fwd":
+                    column: torch.Tensor = torch.func.jvp(
+                        flat_jacobian, (args[argnums],), (tangent,)
+                    )[1]
+                    return column
+                rows = torch.func.jacrev(lambda x: flat_jacobian(x) @ v)(args[argnums])
+                return torch.cat([r.reshape(r.shape[0], -1) for r in tree_flatten(rows)[0]], -1)
+
             def quadratic(*basis: torch.Tensor) -> torch.Tensor:
                 """``v^T H_y v`` for every output entry ``y``, for one basis vector ``v``."""
-                tangent = tree_unflatten(list(basis), in_spec)
                 v = torch.cat([b.reshape(-1) for b in basis])
-                column: torch.Tensor
-                if outer_mode == "fwd":
-                    column = torch.func.jvp(flat_jacobian, (args[argnums],), (tangent,))[1]
-                else:
-                    rows = torch.func.jacrev(lambda x: flat_jacobian(x) @ v)(args[argnums])
-                    column = torch.cat(
-                        [r.reshape(r.shape[0], -1) for r in tree_flatten(rows)[0]], dim=-1
-                    )
-                quadratic_form: torch.Tensor = column @ v
+                quadratic_form: torch.Tensor = column_of(basis, v) @ v
                 return quadratic_form
 
+            if probes is not None:
+                return _hutchinson(
+                    column_of, probes, flat_in, in_spec, shapes, outer_chunk, randomness,
+                    trace, coordinates, weights,
+                )  # fmt: skip
             quads = _map_basis(  # [N, Y]
                 quadratic, flat_in, outer_chunk, randomness, name, coordinates=coordinates
             )
@@ -736,6 +764,161 @@ def hessian_diagonal(
             return tree_unflatten(leaves, in_spec)
 
     return diagonal
+
+
+def _hutchinson(
+    column_of: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor],
+    probes: torch.Tensor,
+    flat_in: Sequence[torch.Tensor],
+    in_spec: TreeSpec,
+    shapes: list[tuple[int, ...]],
+    chunk: int | None,
+    randomness: str,
+    trace: bool,
+    coordinates: Sequence[int] | None,
+    weights: torch.Tensor | None,
+) -> Any:
+    """Hutchinson's estimate of the diagonal or the (weighted) trace from `probes`."""
+    count, n = probes.shape[0], probes.shape[-1]
+    scale = None
+    if trace and (coordinates is not None or weights is not None):
+        scale = probes.new_zeros(n) if coordinates is not None else probes.new_ones(n)
+        index = list(coordinates) if coordinates is not None else slice(None)
+        scale[index] = 1.0 if weights is None else weights
+        probes = probes * (scale != 0)  # zero outside the coordinates
+
+    def sample(*basis: torch.Tensor) -> torch.Tensor:
+        v = torch.cat([b.reshape(-1) for b in basis])
+        column = column_of(basis, v)  # [Y, N]
+        if trace:
+            estimate: torch.Tensor = column @ (v if scale is None else v * scale)
+            return estimate
+        return column * v
+
+    rows, offset = [], 0
+    for leaf in flat_in:
+        size = leaf.numel()
+        rows.append(probes[:, offset : offset + size].reshape(count, *leaf.shape))
+        offset += size
+    total = _map_basis(sample, flat_in, chunk, randomness, "hutchinson", rows=rows) / count
+    y_shape = shapes[0]
+    if trace:
+        return total.reshape(y_shape)
+    leaves, offset = [], 0
+    for leaf in flat_in:
+        size = leaf.numel()
+        leaves.append(total[..., offset : offset + size].reshape(*y_shape, *leaf.shape))
+        offset += size
+    return tree_unflatten(leaves, in_spec)
+
+
+def hutchpp_trace(func: Callable[..., Any], mode: str, k: int) -> Callable[..., Any]:
+    """Hutch++'s estimate of the trace of the Hessian of a scalar `func` (first argument),
+    from ``3 k`` Hessian-vector products: ``product(x, *rest, probes)`` with ``probes``
+    ``[2 k, N]`` (flat over the entries of ``x``): the first ``k`` sketch the range of
+    ``H`` (``Q`` = an orthonormal basis of ``H S``), ``tr(Q^T H Q)`` is exact on it, and
+    Hutchinson with the last ``k``, projected off ``Q``, estimates the rest (Meyer, Musco,
+    Musco and Woodruff, 2021)."""
+    product = hessian_vector_product(func, mode)
+
+    def estimate(x: Any, *rest: Any) -> torch.Tensor:
+        *others, probes = rest
+        flat_x, spec = tree_flatten(x)
+
+        def times_h(v: torch.Tensor) -> torch.Tensor:
+            """``H v`` for a flat ``v``, flat."""
+            leaves, offset = [], 0
+            for leaf in flat_x:
+                leaves.append(v[offset : offset + leaf.numel()].reshape(leaf.shape))
+                offset += leaf.numel()
+            result = product(x, *others, tree_unflatten(leaves, spec))
+            return torch.cat([r.reshape(-1) for r in tree_flatten(result)[0]])
+
+        products = torch.vmap(times_h)
+        sketch, test = probes[:k], probes[k:]
+        q, r = torch.linalg.qr(products(sketch).transpose(0, 1))  # [N, k]
+        # Columns of a rank-deficient sketch (parallel sign vectors are likely in small
+        # dimensions) are rounding noise: dropped. Any orthonormal Q independent of the
+        # test probes keeps the estimate unbiased.
+        scale = r.diagonal().abs()
+        tolerance = max(q.shape) * torch.finfo(q.dtype).eps * scale.max()
+        q = q * (scale > tolerance)
+        exact = (q.transpose(0, 1) * products(q.transpose(0, 1))).sum()
+        residual = test - (test @ q) @ q.transpose(0, 1)
+        rest_estimate = (residual * products(residual)).sum() / k
+        total: torch.Tensor = exact + rest_estimate
+        return total
+
+    return estimate
+
+
+def lanczos_eigvalsh(
+    func: Callable[..., Any], mode: str, k: int, iterations: int
+) -> Callable[..., Any]:
+    """The `k` algebraically largest eigenvalues of the Hessian of a scalar `func` (first
+    argument), ascending, by `iterations` steps of Lanczos with full reorthogonalization:
+    ``estimate(x, *rest, starts)`` with ``starts`` ``[iterations, N]`` (flat over the
+    entries of ``x``; row 0 starts the iteration, the next rows restart it on a
+    breakdown, when the Krylov space is exhausted). The values are the Rayleigh
+    quotients ``y^T H y`` of the Ritz vectors ``y``, held fixed: differentiated (with
+    ``create_graph``), they give ``y^T dH y``. With ``iterations == N`` they are exact up
+    to rounding.
+    """
+    product = hessian_vector_product(func, mode)
+
+    def estimate(x: Any, *rest: Any) -> torch.Tensor:
+        *others, starts = rest
+        flat_x, spec = tree_flatten(x)
+
+        def times_h(v: torch.Tensor) -> torch.Tensor:
+            leaves, offset = [], 0
+            for leaf in flat_x:
+                leaves.append(v[offset : offset + leaf.numel()].reshape(leaf.shape))
+                offset += leaf.numel()
+            result = product(x, *others, tree_unflatten(leaves, spec))
+            return torch.cat([r.reshape(-1) for r in tree_flatten(result)[0]])
+
+        def orthogonal(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+            for _ in range(2):  # twice is enough (Kahan, Parlett)
+                v = v - basis.transpose(0, 1) @ (basis @ v)
+            return v
+
+        eps = torch.finfo(starts.dtype).eps
+        q = starts[0] / starts[0].norm()
+        basis = q[None]
+        alphas: list[torch.Tensor] = []
+        betas: list[torch.Tensor] = []
+        for j in range(iterations):
+            w = times_h(q).detach()
+            alpha = q @ w
+            w = orthogonal(w, basis)
+            beta = w.norm()
+            alphas.append(alpha)
+            if j == iterations - 1:
+                break
+            fresh = orthogonal(starts[j + 1], basis)
+            fresh = fresh / fresh.norm().clamp_min(torch.finfo(fresh.dtype).tiny)
+            scale = alpha.abs() + beta + (betas[-1] if betas else 0.0)
+            broken = beta <= starts.shape[-1] * eps * scale
+            q = w / beta.clamp_min(torch.finfo(w.dtype).tiny)
+            # Once more, normalised: where w cancelled down to rounding noise (an
+            # exhausted Krylov space just above the breakdown threshold), twice was not
+            # enough relative to what was left; the coupling beta is then that small.
+            q = orthogonal(q, basis)
+            q = q / q.norm().clamp_min(torch.finfo(q.dtype).tiny)
+            q = torch.where(broken, fresh, q)
+            betas.append(torch.where(broken, torch.zeros_like(beta), beta))
+            basis = torch.cat([basis, q[None]])
+        tridiagonal = torch.diag(torch.stack(alphas))
+        if betas:
+            off = torch.stack(betas)
+            tridiagonal = tridiagonal + torch.diag(off, 1) + torch.diag(off, -1)
+        _, vectors = torch.linalg.eigh(tridiagonal)
+        ritz = (vectors[:, -k:].transpose(0, 1) @ basis).detach()  # [k, N], ascending
+        values: torch.Tensor = torch.sort((ritz * torch.vmap(times_h)(ritz)).sum(-1)).values
+        return values
+
+    return estimate
 
 
 def hessian_diag(

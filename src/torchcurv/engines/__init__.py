@@ -62,6 +62,11 @@ class Request:
         coordinates: For a trace: the flat indices of the differentiated entries it
             runs over (None: all of them).
         weights: For a trace: one weight per coordinate (None: all ones).
+        method: For a diagonal or a trace: ``"exact"``, or an estimator
+            (``"hutchinson"``, ``"hutch++"``) from `num_samples` Hessian-vector products
+            with Rademacher probes (their seeds are the objective's per-sample vectors);
+            for eigenvalues ``"lanczos"``, `num_samples` being its iterations.
+        k: For eigenvalues: how many, the algebraically largest.
     """
 
     function: str
@@ -73,6 +78,9 @@ class Request:
     quantity: str = "hessian"
     coordinates: tuple[int, ...] | None = None
     weights: torch.Tensor | None = None
+    method: str = "exact"
+    num_samples: int | None = None
+    k: int | None = None
 
     @property
     def out_numel(self) -> int:

@@ -19,16 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import DERIVATIVE_LOCK
+from .._compat import DERIVATIVE_LOCK, tree_flatten
 from .._decompositions import unrouted
-from .._runner import Batch, Work, cuda_devices, vmapped, with_nones
+from .._runner import Batch, Work, cuda_devices, rademacher, vmapped, with_nones
 from .._transforms import (
     HESSIAN_STAGES,
     hessian,
     hessian_basis_sizes,
     hessian_diagonal,
     hessian_vector_product,
+    hutchpp_trace,
     jacobian,
+    lanczos_eigvalsh,
     probing,
     vectorised_chunks,
 )
@@ -146,6 +148,11 @@ class GenericEngine:
         inner, outer = hessian_basis_sizes(self.mode, m, n)
         if request.quantity == "hessian":
             return inner, outer
+        if request.method in ("hutch++", "lanczos"):
+            return ()  # its products depend on each other: no chunks
+        if request.method == "hutchinson":
+            assert request.num_samples is not None
+            return inner, request.num_samples  # the probes, through the outer stage
         # A diagonal or a trace pushes the input's basis (its selected coordinates)
         # through the outer stage.
         return inner, n if request.coordinates is None else len(request.coordinates)
@@ -158,6 +165,8 @@ class GenericEngine:
         count = len(obj.in_dims())
         func = with_nones(obj.per_sample, absent, count)
         vectorised = True
+        if request.method != "exact":
+            return _estimator_work(self.mode, request, chunks, absent, count, inner)
         if request.quantity == "hvp":
             product = hessian_vector_product(obj.per_sample, self.mode)
             transform = with_nones(product, absent, count)
@@ -196,3 +205,54 @@ class GenericEngine:
             )
         planned = _planned(transform, obj.routed, vectorised)
         return vmapped(planned, obj.in_dims(), 0, request.randomness, absent)
+
+
+def _estimator_work(
+    mode: str,
+    request: Request,
+    chunks: tuple[int | None, ...],
+    absent: tuple[int, ...],
+    count: int,
+    randomness: str,
+) -> Work:
+    """Work of a Hutchinson or Hutch++ estimate or of Lanczos: the objective's per-sample
+    vectors are seeds; each slice of the batch draws its samples' probes (start vectors)
+    from them (outside vmap,
+    sample ``i``'s from its own seed, so the chunking never changes them) and passes
+    them in batched."""
+    obj = request.objective
+    assert request.num_samples is not None
+    # The objective ignores the vectors: the estimate takes the probes as its last argument.
+    func = with_nones(obj.per_sample, (*absent, count - 1), count)
+    rows = request.num_samples
+    if request.method == "lanczos":
+        assert request.k is not None
+        transform = lanczos_eigvalsh(func, mode, request.k, rows)
+    elif request.method == "hutch++":
+        rows = 2 * (request.num_samples // 3)
+        transform = hutchpp_trace(func, mode, request.num_samples // 3)
+    else:
+        transform = hessian_diagonal(
+            func,
+            mode=mode,
+            chunk_size=(chunks[0], chunks[1]),
+            randomness=randomness,
+            trace=request.quantity == "trace",
+            coordinates=request.coordinates,
+            weights=request.weights,
+            estimate=True,
+        )
+    work = vmapped(_planned(transform, obj.routed), obj.in_dims(), 0, request.randomness, absent)
+    like = tree_flatten(obj.diff(obj.xs))[0][0]
+
+    def probes(seeds: torch.Tensor) -> torch.Tensor:
+        return rademacher(seeds, (rows, request.in_numel), like.dtype, like.device)
+
+    def batched(*args: Any) -> Any:
+        return work.batched(*args[:-1], probes(args[-1]))
+
+    def single(*args: Any) -> Any:
+        assert work.single is not None
+        return work.single(*args[:-1], probes(args[-1].reshape(1))[0])
+
+    return Work(batched, single)

@@ -1085,6 +1085,8 @@ class StructuredEngine:
             return "it computes Hessians only"
         if request.quantity == "hvp":
             return "it forms whole Hessians, and a Hessian-vector product needs none"
+        if request.method != "exact":
+            return f"it computes exact quantities, not a {request.method} estimate"
         if obj.wrt != "inputs":
             return f"it differentiates with respect to the inputs only, got wrt={obj.wrt!r}"
         if len(obj.xs) != 1 or obj.kwargs:
