@@ -216,3 +216,14 @@ def test_explain_and_empty_batches() -> None:
 def test_bad_arguments_are_refused_clearly(call: Any, message: str) -> None:
     with pytest.raises((TorchcurvError, UnsupportedModuleError), match=message):
         call(mlp(), torch.randn(4, 3, dtype=D))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mse_loss_products_in_every_mode(mode: str) -> None:
+    """Forward mode over torch.func.grad of F.mse_loss fails upstream ("ZeroTensors are
+    immutable"); the product's gradient is a vmapped vjp, over which it does not."""
+    model = mlp()
+    X, Y, V = (torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D), torch.randn(4, 3, dtype=D))
+    HV = torchcurv.per_sample_hvp(model, X, V, loss=F.mse_loss, targets=Y, mode=mode)
+    H = torchcurv.per_sample_hessian(model, X, loss=F.mse_loss, targets=Y, mode="rev-over-rev")
+    assert_trees_close(HV, torch.einsum("bij,bj->bi", H, V))

@@ -368,3 +368,18 @@ def test_repeated_calls_take_the_new_weights_and_gradients_flow() -> None:
 def test_bad_coordinates_and_weights_are_refused(options: dict[str, Any], message: str) -> None:
     with pytest.raises(torchcurv.TorchcurvError, match=message):
         torchcurv.per_sample_laplacian(pinn().to(D), torch.randn(2, 3, dtype=D), **options)
+
+
+def test_function_level_diagonals_of_scalars() -> None:
+    t, xy = torch.tensor(2.0, dtype=D), torch.tensor([0.5, -1.0], dtype=D)
+    assert_trees_close(torchcurv.hessian_diag(lambda t: t**3)(t), torch.tensor(12.0, dtype=D))
+
+    def u(t: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        return t**3 * torch.sin(xy).sum()
+
+    dt, dxy = torchcurv.hessian_diag(u, argnums=(0, 1))(t, xy)
+    assert_trees_close(dt, 6 * t * torch.sin(xy).sum())
+    assert_trees_close(dxy, -(t**3) * torch.sin(xy))
+    X = torch.randn(5, dtype=D)  # a batch of scalars
+    d = torchcurv.per_sample_hessian_diag(nn.Tanh(), X)
+    assert_trees_close(d, -2 * torch.tanh(X) * (1 - torch.tanh(X) ** 2))

@@ -7,6 +7,7 @@ that call.
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 from typing import Any
@@ -217,3 +218,68 @@ def test_repeated_calls_hold_no_batch_alive() -> None:
     del X, y
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_a_transposing_data_swap_is_seen() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)).to(D)
+    X = torch.randn(2, 3, dtype=D)
+    torchcurv.per_sample_hessian(model, X, output=0, mode="fwd-over-rev")
+    model[0].weight.data = model[0].weight.data.t()  # same storage, new strides
+    H = torchcurv.per_sample_hessian(model, X, output=0, mode="fwd-over-rev")
+    assert_trees_close(H, _oracle(model, X, output=0))
+
+
+class _Tempered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.temperature = nn.Linear(3, 5), nn.Linear(5, 2), 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x) / self.temperature))
+
+
+def test_attribute_changes_are_seen_with_backward_hooks() -> None:
+    torch.manual_seed(0)
+    model = _Tempered().to(D)
+    model.l1.register_full_backward_hook(lambda *args: None)
+    X = torch.randn(3, 3, dtype=D)
+    for temperature in (1.0, 0.3):
+        model.temperature = temperature
+        H = torchcurv.per_sample_hessian(model, X, output=1, mode="fwd-over-rev")
+        assert_trees_close(H, _oracle(model, X))
+
+
+class _Switch(nn.Module):
+    """Writes its input, or a counter buffer, in place once a Python flag is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.write_input = self.write_buffer = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write_input:
+            x.mul_(2.0)
+        if self.write_buffer:
+            self.count += 1
+        return torch.tanh(self.linear(x)) * (1 + self.count)
+
+
+@pytest.mark.parametrize("flag", ["write_input", "write_buffer"])
+def test_a_forward_that_starts_writing_after_a_flag_flips_is_prepared_anew(flag: str) -> None:
+    torch.manual_seed(0)
+    model = _Switch().to(D)
+    X = torch.randn(3, 3, dtype=D)
+    before = X.clone()
+    torchcurv.per_sample_hessian(model, X, output=1, mode="rev-over-rev")
+    setattr(model, flag, True)
+    H = torchcurv.per_sample_hessian(model, X, output=1, mode="rev-over-rev")
+    fresh = copy.deepcopy(model)
+    expected = torch.stack(
+        [reference.hessian(lambda x: copy.deepcopy(fresh)(x[None].clone())[0, 1])(x) for x in X]
+    )
+    assert_trees_close(H, expected)
+    assert torch.equal(X, before)
+    assert float(model.count) == 0.0

@@ -327,6 +327,11 @@ def _has_backward_hooks(module: nn.Module) -> bool:
     return bool(module._backward_hooks or module._backward_pre_hooks)
 
 
+def has_backward_hooks(module: nn.Module) -> bool:
+    """Whether `module` or a submodule has backward hooks (see `_without_backward_hooks`)."""
+    return any(_has_backward_hooks(m) for m in module.modules())
+
+
 def _without_backward_hooks(module: nn.Module) -> nn.Module:
     """`module`, or a copy of its tree of modules without backward hooks if it has any.
 
@@ -338,7 +343,7 @@ def _without_backward_hooks(module: nn.Module) -> nn.Module:
     shares the caller's hook functions, parameters and buffers (shallow copies of each
     module, with their own dictionaries, so nothing of the caller's is changed).
     """
-    if not any(_has_backward_hooks(m) for m in module.modules()):
+    if not has_backward_hooks(module):
         return module
     copies: dict[int, nn.Module] = {}
 

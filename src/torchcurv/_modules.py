@@ -45,6 +45,7 @@ from ._errors import (
     describe,
 )
 from ._functional import functional as functional
+from ._functional import has_backward_hooks
 from ._layout import to_matrix
 from ._memory import (
     DEFAULT_WORKING_SET,
@@ -164,6 +165,8 @@ class _Call:
     decision: Decision
     size: int
     template: _Template | None = None
+    #: For a call that reused a template: the call prepared anew (see `_run`).
+    again: Callable[[], _Call] | None = None
 
 
 class _Template:
@@ -430,7 +433,21 @@ def _prepare(
         request = template.request_for(inputs, what["targets"], what.get("vectors"))
         if method != "exact":  # new probes for every call
             request.objective.vectors = sample_seeds(request.objective.batch_size(), generator)
-        return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
+        call = _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
+
+        def again() -> _Call:
+            """The call prepared anew, its module's caches dropped (see `_run`)."""
+            _TEMPLATES.pop(module, None)
+            _FIRST.pop(module, None)
+            return _prepare(
+                function, module, inputs, order=order, mode=mode, chunk_size=chunk_size,
+                memory_budget=memory_budget, randomness=randomness,
+                create_graph=create_graph, quantity=quantity, coordinates=coordinates,
+                weights=weights, method=method, num_samples=num_samples,
+                generator=generator, k=k, **what,
+            )  # fmt: skip
+
+        return dataclasses.replace(call, again=again)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
     n_axes = 0 if quantity == "hvp" else order  # an HVP has no basis to chunk
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, n_axes)
@@ -467,7 +484,9 @@ def _prepare(
     template = _Template(
         obj.signature()[0], request, engine, why_engine, axes, first, (batch_chunk, axis_chunks)
     )
-    if key is not None:
+    if key is not None and not has_backward_hooks(module):
+        # (a module with backward hooks runs as a shallow copy made with the objective,
+        # which would not see later changes of the module's attributes: never reused)
         templates = _TEMPLATES.setdefault(module, {})
         if len(templates) >= _TEMPLATES_PER_MODULE:
             del templates[next(iter(templates))]  # the oldest
@@ -728,7 +747,23 @@ def _decide(
     return _Call(request, engine, decision, size, template)
 
 
+# What a repeated call's failure says when its forward now writes what its first forward
+# did not (a Python flag flipped since): the call is prepared anew and run again.
+_STALE = ("writes in place", "leaf variable that requires grad is being used in an in-place")
+
+
 def _run(call: _Call) -> Any:
+    if call.again is None:
+        return _run_prepared(call)
+    try:
+        return _run_prepared(call)
+    except (TorchcurvError, RuntimeError) as error:
+        if not any(s in str(error).lower() for s in _STALE):
+            raise
+    return _run_prepared(call.again())
+
+
+def _run_prepared(call: _Call) -> Any:
     request, decision = call.request, call.decision
     obj = request.objective
     if call.template is not None:

@@ -66,10 +66,10 @@ class FirstForward:
 def module_state(module: nn.Module) -> tuple[Any, ...]:
     """What a module's first forward (routing, written buffers, shapes), its engine and
     its memory depend on besides the inputs: the tree of submodules (each one's
-    identity, type, training flag and hooks) and the identity, storage, shape, dtype,
-    device and ``requires_grad`` of every parameter and buffer (not their values: a
-    training step that updates weights in place keeps the caches; a ``.data`` swap
-    does not).
+    identity, type, training flag and hooks) and the identity, storage, layout (shape,
+    strides, offset), dtype, device and ``requires_grad`` of every parameter and buffer
+    (not their values: a training step that updates weights in place keeps the caches;
+    a ``.data`` swap does not).
     """
     # One walk over the submodules, reading their dictionaries directly (the
     # named_* iterators build prefixed names and deduplicate: 3x slower on small models).
@@ -89,9 +89,9 @@ def module_state(module: nn.Module) -> tuple[Any, ...]:
         for tensors in (m._parameters, m._buffers):
             for n, t in tensors.items():
                 if t is not None:
-                    state.append(
-                        (n, id(t), t.data_ptr(), t.shape, t.dtype, t.device, t.requires_grad)
-                    )
+                    layout = (t.shape, t.stride(), t.storage_offset())
+                    state.append((n, id(t), t.data_ptr(), layout, t.dtype, t.device,
+                                  t.requires_grad))  # fmt: skip
         stack.extend(child for child in reversed(m._modules.values()) if child is not None)
     return tuple(state)
 

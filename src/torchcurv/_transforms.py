@@ -759,7 +759,7 @@ def hessian_diagonal(
             leaves, offset = [], 0
             for leaf in flat_in:
                 size = leaf.numel()
-                leaves.append(per_y[..., offset : offset + size].reshape(*y_shape, *leaf.shape))
+                leaves.append(per_y[..., offset : offset + size].reshape((*y_shape, *leaf.shape)))
                 offset += size
             return tree_unflatten(leaves, in_spec)
 
@@ -807,9 +807,26 @@ def _hutchinson(
     leaves, offset = [], 0
     for leaf in flat_in:
         size = leaf.numel()
-        leaves.append(total[..., offset : offset + size].reshape(*y_shape, *leaf.shape))
+        leaves.append(total[..., offset : offset + size].reshape((*y_shape, *leaf.shape)))
         offset += size
     return tree_unflatten(leaves, in_spec)
+
+
+def _flat_product(
+    product: Callable[..., Any], x: Any, others: Sequence[Any]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> H v`` at ``x`` for a flat ``v`` (over the entries of the pytree ``x``), flat."""
+    flat_x, spec = tree_flatten(x)
+
+    def times_h(v: torch.Tensor) -> torch.Tensor:
+        leaves, offset = [], 0
+        for leaf in flat_x:
+            leaves.append(v[offset : offset + leaf.numel()].reshape(leaf.shape))
+            offset += leaf.numel()
+        result = product(x, *others, tree_unflatten(leaves, spec))
+        return torch.cat([r.reshape(-1) for r in tree_flatten(result)[0]])
+
+    return times_h
 
 
 def hutchpp_trace(func: Callable[..., Any], mode: str, k: int) -> Callable[..., Any]:
@@ -823,18 +840,7 @@ def hutchpp_trace(func: Callable[..., Any], mode: str, k: int) -> Callable[..., 
 
     def estimate(x: Any, *rest: Any) -> torch.Tensor:
         *others, probes = rest
-        flat_x, spec = tree_flatten(x)
-
-        def times_h(v: torch.Tensor) -> torch.Tensor:
-            """``H v`` for a flat ``v``, flat."""
-            leaves, offset = [], 0
-            for leaf in flat_x:
-                leaves.append(v[offset : offset + leaf.numel()].reshape(leaf.shape))
-                offset += leaf.numel()
-            result = product(x, *others, tree_unflatten(leaves, spec))
-            return torch.cat([r.reshape(-1) for r in tree_flatten(result)[0]])
-
-        products = torch.vmap(times_h)
+        products = torch.vmap(_flat_product(product, x, others))
         sketch, test = probes[:k], probes[k:]
         q, r = torch.linalg.qr(products(sketch).transpose(0, 1))  # [N, k]
         # Columns of a rank-deficient sketch (parallel sign vectors are likely in small
@@ -868,15 +874,7 @@ def lanczos_eigvalsh(
 
     def estimate(x: Any, *rest: Any) -> torch.Tensor:
         *others, starts = rest
-        flat_x, spec = tree_flatten(x)
-
-        def times_h(v: torch.Tensor) -> torch.Tensor:
-            leaves, offset = [], 0
-            for leaf in flat_x:
-                leaves.append(v[offset : offset + leaf.numel()].reshape(leaf.shape))
-                offset += leaf.numel()
-            result = product(x, *others, tree_unflatten(leaves, spec))
-            return torch.cat([r.reshape(-1) for r in tree_flatten(result)[0]])
+        times_h = _flat_product(product, x, others)
 
         def orthogonal(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
             for _ in range(2):  # twice is enough (Kahan, Parlett)
@@ -1087,7 +1085,10 @@ def hessian_vector_product(func: Callable[..., Any], mode: str = "fwd-over-rev")
                 return derivative
 
             return torch.func.grad(directional)(x)
-        gradient = torch.func.grad(f)
+        # The gradient as the Jacobian of the scalar (a vjp vmapped over a batch of one
+        # cotangent): forward mode over torch.func.grad fails on some double backwards
+        # (F.mse_loss: "ZeroTensors are immutable"), over the vmapped vjp it does not.
+        gradient = torch.func.jacrev(f)
         if outer == "fwd":
             return torch.func.jvp(gradient, (x,), (v,))[1]
         pull = torch.func.vjp(gradient, x)[1]
