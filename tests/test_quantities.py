@@ -18,7 +18,7 @@ from torch import nn
 
 import torchcurv
 from torchcurv import reference
-from torchcurv.testing import assert_trees_close
+from torchcurv.testing import assert_quantities_match_hessian, assert_trees_close
 
 D = torch.float64
 MODES = ("auto", "fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd")
@@ -383,3 +383,47 @@ def test_function_level_diagonals_of_scalars() -> None:
     X = torch.randn(5, dtype=D)  # a batch of scalars
     d = torchcurv.per_sample_hessian_diag(nn.Tanh(), X)
     assert_trees_close(d, -2 * torch.tanh(X) * (1 - torch.tanh(X) ** 2))
+
+
+# --------------------------------------------------------------------------------------
+# every quantity on today's architectures, through the harness's assertion
+# --------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """A transformer encoder block on 3 tokens of width 4; one output entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[:, 0, :2]
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("wrt", ["inputs", "params"])
+@pytest.mark.parametrize(
+    ("model", "shape"), [(_Block, (3, 4)), (_Recurrent, (4, 3))], ids=["transformer", "lstm"]
+)
+def test_every_quantity_on_a_transformer_block_and_an_lstm(
+    model: type[nn.Module], shape: tuple[int, ...], wrt: str
+) -> None:
+    torch.manual_seed(0)
+    module = model().to(D).eval()
+    X = torch.randn(2, *shape, dtype=D)
+    if wrt == "params":  # a scalar loss: every quantity, the product and eigenvalues too
+        y = torch.tensor([0, 1])
+        assert_quantities_match_hessian(
+            module, X, wrt=wrt, loss=F.cross_entropy, targets=y, mode="rev-over-rev"
+        )
+    else:
+        assert_quantities_match_hessian(module, X, output=1)

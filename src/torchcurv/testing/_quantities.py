@@ -43,8 +43,10 @@ def assert_quantities_match_hessian(
     `torchcurv.per_sample_laplacian` gives the trace of the input Hessian (with
     ``wrt="inputs"``, the default), and, for an objective with one entry per sample, that
     `torchcurv.per_sample_hvp` gives ``H v`` for `vectors` (random ones, seeded, when
-    None). Use it on your own model in float64, next to `check_model` (which checks the
-    full Hessian against the loop oracle).
+    None) and `torchcurv.per_sample_hessian_eigvalsh` (Lanczos, as many iterations as
+    entries) the top eigenvalues of the full Hessian. Use it on your own model in
+    float64, next to `check_model` (which checks the full Hessian against the loop
+    oracle).
 
     Args:
         module: The model.
@@ -102,3 +104,11 @@ def assert_quantities_match_hessian(
     flat_v = torch.cat([v.reshape(size, -1) for v in tree_flatten(vectors)[0]], dim=1)
     flat_hv = torch.cat([p.reshape(size, -1) for p in tree_flatten(products)[0]], dim=1)
     assert_trees_close(flat_hv, torch.einsum("bij,bj->bi", matrix, flat_v))
+    n = matrix.shape[-1]
+    k = min(n, 3)
+    top = torchcurv.per_sample_hessian_eigvalsh(
+        module, inputs, k=k, num_iterations=n, generator=torch.Generator().manual_seed(0),
+        **{key: value for key, value in options.items() if key != "chunk_size"},
+    )  # fmt: skip
+    symmetric = (matrix + matrix.transpose(1, 2)) / 2
+    assert_trees_close(top, torch.linalg.eigvalsh(symmetric)[:, -k:])
