@@ -201,3 +201,36 @@ def test_explain_shows_the_probes_axis() -> None:
     )  # fmt: skip
     assert decision.basis_sizes[-1] == 17
     assert math.prod(decision.basis_sizes) >= 17
+
+
+def test_function_level_estimators() -> None:
+    x = torch.randn(6, dtype=D)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x).sum() * torch.sin(x).sum()
+
+    H = torchcurv.hessian(f)(x)
+    a = torch.arange(1.0, 7.0, dtype=D)
+
+    def rank_one(x: torch.Tensor) -> torch.Tensor:  # H = 2 a a^T: any sketch spans its range
+        return (a @ torch.sin(x)) ** 2 / 2 + (a @ x) ** 2
+
+    sketched = torchcurv.laplacian(rank_one, method="hutch++", num_samples=3)(
+        torch.zeros(6, dtype=D)
+    )
+    assert_trees_close(sketched, torchcurv.hessian(rank_one)(torch.zeros(6, dtype=D)).trace())
+
+    def estimate(seed: int) -> torch.Tensor:
+        return torchcurv.hessian_diag(  # type: ignore[no-any-return]
+            f, method="hutchinson", num_samples=5, generator=torch.Generator().manual_seed(seed)
+        )(x)
+
+    assert torch.equal(estimate(0), estimate(0))
+    assert not torch.equal(estimate(0), estimate(1))
+    probes = _all_signs(6)  # the mean over every sign vector is exact
+    exact = hessian_diagonal(f, estimate=True)(x, probes)
+    assert_trees_close(exact, H.diagonal())
+    with pytest.raises(torchcurv.TorchcurvError, match="one entry with method='hutch"):
+        torchcurv.laplacian(lambda x: torch.sin(x), method="hutch++", num_samples=6)(x)
+    with pytest.raises(torchcurv.TorchcurvError, match="must be one of 'exact', 'hutchinson'"):
+        torchcurv.hessian_diag(f, method="hutch++", num_samples=6)

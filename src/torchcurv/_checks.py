@@ -447,3 +447,52 @@ def check_module_chunk(
         )
         return batch, axes
     return check_batch_chunk_size(function, chunk_size, memory_budget), (None,) * n_axes
+
+
+def check_estimator(
+    function: str, method: Any, methods: Sequence[str], num_samples: Any, generator: Any
+) -> None:
+    """`method` among `methods`; `num_samples` and `generator` for the estimators only
+    (``"lanczos"``: `num_samples` its iterations, None for the default)."""
+    if method not in methods:
+        argument_error(
+            function,
+            "method",
+            f"must be one of {', '.join(repr(m) for m in methods)}",
+            method,
+            f"Pass method={methods[-1]!r} for an estimate, or 'exact'.",
+        )
+    if method == "exact":
+        for argument, value in (("num_samples", num_samples), ("generator", generator)):
+            if value is not None:
+                argument_error(
+                    function,
+                    argument,
+                    "applies to the estimators only",
+                    value,
+                    f"Drop {argument}=, or pass method='hutchinson'.",
+                )
+        return
+    least = 3 if method == "hutch++" else 1
+    if method == "lanczos" and num_samples is None:
+        pass  # the iterations default to a number of the dimension
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < least:
+        argument_error(
+            function,
+            "num_samples",
+            f"must be an int >= {least} (Hessian-vector products per sample) with "
+            f"method={method!r}",
+            num_samples,
+            "Pass e.g. num_samples=30 (the error falls as 1/sqrt(num_samples)"
+            + (", faster with hutch++)." if method == "hutchinson" else ")."),
+        )
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+    ):
+        argument_error(
+            function,
+            "generator",
+            "must be a CPU torch.Generator (or None for the global one)",
+            generator,
+            "Pass torch.Generator().manual_seed(0) for reproducible probes.",
+        )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import (
+    check_estimator,
     check_flag,
     check_layers,
     check_mode,
@@ -504,50 +505,8 @@ _METHODS = {
 def _check_method(
     function: str, quantity: str, method: Any, num_samples: Any, generator: Any
 ) -> None:
-    """The estimator options of a diagonal or a trace."""
-    methods = _METHODS.get(quantity, ("exact",))
-    if method not in methods:
-        argument_error(
-            function,
-            "method",
-            f"must be one of {', '.join(repr(m) for m in methods)}",
-            method,
-            f"Pass method={methods[-1]!r} for an estimate, or 'exact'.",
-        )
-    if method == "exact":
-        for argument, value in (("num_samples", num_samples), ("generator", generator)):
-            if value is not None:
-                argument_error(
-                    function,
-                    argument,
-                    "applies to the estimators only",
-                    value,
-                    f"Drop {argument}=, or pass method='hutchinson'.",
-                )
-        return
-    least = 3 if method == "hutch++" else 1
-    if method == "lanczos" and num_samples is None:
-        pass  # the iterations default to a number of the dimension
-    elif isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < least:
-        argument_error(
-            function,
-            "num_samples",
-            f"must be an int >= {least} (Hessian-vector products per sample) with "
-            f"method={method!r}",
-            num_samples,
-            "Pass e.g. num_samples=30 (the error falls as 1/sqrt(num_samples)"
-            + (", faster with hutch++)." if method == "hutchinson" else ")."),
-        )
-    if generator is not None and (
-        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
-    ):
-        argument_error(
-            function,
-            "generator",
-            "must be a CPU torch.Generator (or None for the global one)",
-            generator,
-            "Pass torch.Generator().manual_seed(0) for reproducible probes.",
-        )
+    """The estimator options of a diagonal, a trace or eigenvalues."""
+    check_estimator(function, method, _METHODS.get(quantity, ("exact",)), num_samples, generator)
 
 
 def _selection_key(coordinates: Any, weights: Any) -> Any:

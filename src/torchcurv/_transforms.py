@@ -28,6 +28,7 @@ from ._checks import (
     check_callable,
     check_chunk_size,
     check_differentiable,
+    check_estimator,
     check_flag,
     check_hessian_chunk_size,
     check_mode,
@@ -856,13 +857,15 @@ def hutchpp_trace(func: Callable[..., Any], mode: str, k: int) -> Callable[..., 
         *others, probes = rest
         products = torch.vmap(_flat_product(product, x, others))
         sketch, test = probes[:k], probes[k:]
-        q, r = torch.linalg.qr(products(sketch).transpose(0, 1))  # [N, k]
-        # Columns of a rank-deficient sketch (parallel sign vectors are likely in small
-        # dimensions) are rounding noise: dropped. Any orthonormal Q independent of the
-        # test probes keeps the estimate unbiased.
-        scale = r.diagonal().abs()
-        tolerance = max(q.shape) * torch.finfo(q.dtype).eps * scale.max()
-        q = q * (scale > tolerance)
+        # An orthonormal basis of the sketch's numerical range: the left singular vectors
+        # of H S above rounding (a rank-deficient sketch is likely in small dimensions:
+        # parallel sign vectors, or H itself). Held fixed (detached): any Q independent
+        # of the test probes keeps the estimate, and its gradient, unbiased, and the
+        # derivative of a rank-deficient factorisation is not needed.
+        u, singular, _ = torch.linalg.svd(products(sketch).transpose(0, 1).detach(),
+                                          full_matrices=False)  # fmt: skip
+        tolerance = max(u.shape) * torch.finfo(u.dtype).eps * singular.max()
+        q = u * (singular > tolerance)  # [N, k]
         exact = (q.transpose(0, 1) * products(q.transpose(0, 1))).sum()
         residual = test - (test @ q) @ q.transpose(0, 1)
         rest_estimate = (residual * products(residual)).sum() / k
@@ -946,6 +949,9 @@ def hessian_diag(
     mode: HessianMode = "fwd-over-rev",
     chunk_size: HessianChunk = None,
     randomness: Randomness = "error",
+    method: str = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Callable[..., Any]:
     """The diagonal of the Hessian of `func`, without forming the Hessian.
 
@@ -962,8 +968,15 @@ def hessian_diag(
         argnums: Which positional argument(s) to differentiate: an int or a tuple.
         mode: As in `torchcurv.hessian`.
         chunk_size: As in `torchcurv.hessian`: ``(inner, outer)``, the outer axis
-            running over the basis vectors of the input.
+            running over the basis vectors of the input (the probes of an estimate).
         randomness: As in `torchcurv.hessian`.
+        method: ``"exact"`` or ``"hutchinson"``: the mean of ``v * (H v)`` over
+            `num_samples` Rademacher probes ``v``, drawn at each call from `generator`
+            (the global generator when None; under `torchcurv.per_sample` random
+            draws follow its `randomness`: the module-level
+            `torchcurv.per_sample_hessian_diag` seeds each sample's own).
+        num_samples: Probes (Hessian-vector products) of an estimate.
+        generator: A CPU `torch.Generator` for the probes.
 
     Returns:
         A function with the signature of `func` returning the diagonal.
@@ -980,7 +993,9 @@ def hessian_diag(
         >>> torch.equal(d, torch.diag(torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)))
         True
     """
-    return _diagonal_transform("hessian_diag", func, argnums, mode, chunk_size, randomness)
+    return _diagonal_transform(
+        "hessian_diag", func, argnums, mode, chunk_size, randomness, method, num_samples, generator
+    )
 
 
 def laplacian(
@@ -990,6 +1005,9 @@ def laplacian(
     mode: HessianMode = "fwd-over-rev",
     chunk_size: HessianChunk = None,
     randomness: Randomness = "error",
+    method: str = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Callable[..., Any]:
     """The Laplacian of `func`: the trace of its Hessian, without forming the Hessian.
 
@@ -1004,6 +1022,11 @@ def laplacian(
         mode: As in `torchcurv.hessian`.
         chunk_size: As in `torchcurv.hessian`.
         randomness: As in `torchcurv.hessian`.
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"`` (one-entry outputs), as
+            in `torchcurv.per_sample_laplacian`; the probes are drawn at each call from
+            `generator` (see `hessian_diag`).
+        num_samples: Hessian-vector products of an estimate.
+        generator: A CPU `torch.Generator` for the probes.
 
     Returns:
         A function with the signature of `func` returning the Laplacian.
@@ -1023,7 +1046,9 @@ def laplacian(
         >>> torch.allclose(torchcurv.laplacian(u)(x[:2]), -2 * u(x[:2]))
         True
     """
-    return _diagonal_transform("laplacian", func, argnums, mode, chunk_size, randomness)
+    return _diagonal_transform(
+        "laplacian", func, argnums, mode, chunk_size, randomness, method, num_samples, generator
+    )
 
 
 def _diagonal_transform(
@@ -1033,6 +1058,9 @@ def _diagonal_transform(
     mode: Any,
     chunk_size: Any,
     randomness: Any,
+    method: Any = "exact",
+    num_samples: Any = None,
+    generator: Any = None,
 ) -> Callable[..., Any]:
     check_callable(name, func)
     argnums = check_argnums(name, argnums)
@@ -1040,8 +1068,34 @@ def _diagonal_transform(
     chunks = check_hessian_chunk_size(name, chunk_size)
     randomness = check_randomness(name, randomness)
     trace = name == "laplacian"
+    methods = ("exact", "hutchinson", "hutch++") if trace else ("exact", "hutchinson")
+    check_estimator(name, method, methods, num_samples, generator)
     single = isinstance(argnums, int)
     positions = (argnums,) if single else tuple(argnums)
+
+    def estimated(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Hutchinson's or Hutch++'s estimate, the differentiated pytree first in args."""
+        leaves = tree_flatten(args[0])[0]
+        n = sum(leaf.numel() for leaf in leaves)
+        rows = 2 * (num_samples // 3) if method == "hutch++" else num_samples
+        signs = torch.randint(0, 2, (rows, n), generator=generator, dtype=torch.int8)
+        probes = (signs * 2 - 1).to(dtype=leaves[0].dtype, device=leaves[0].device)
+        if method == "hutchinson":
+            return hessian_diagonal(
+                fn, 0, mode=mode, chunk_size=chunks, randomness=randomness, trace=trace,
+                estimate=True,
+            )(*args, probes)  # fmt: skip
+
+        def scalar(*given: Any) -> torch.Tensor:
+            value = fn(*given)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                argument_error(
+                    name, "func", "must return one entry with method='hutch++'", value,
+                    "Reduce the output, or use method='hutchinson'.",
+                )  # fmt: skip
+            return value
+
+        return hutchpp_trace(scalar, mode, num_samples // 3)(*args, probes)
 
     def call(*args: Any) -> Any:
         for i in positions:
@@ -1054,23 +1108,26 @@ def _diagonal_transform(
                     f"Use indices from 0 to {len(args) - 1}.",
                 )
         picked = [i % len(args) for i in positions]
-        if single:
-            return hessian_diagonal(
-                func, picked[0], mode=mode, chunk_size=chunks, randomness=randomness, trace=trace
-            )(*args)
-        # The differentiated arguments as one tuple in front, the others after it.
+        # The differentiated argument(s) in front (a tuple of them for tuple argnums),
+        # the others after, in order.
         rest = [a for i, a in enumerate(args) if i not in picked]
 
-        def packed(diff: tuple[Any, ...], *others: Any) -> Any:
+        def packed(diff: Any, *others: Any) -> Any:
             full, given = list(args), iter(others)
             for i in range(len(args)):
-                full[i] = diff[picked.index(i)] if i in picked else next(given)
+                if i in picked:
+                    full[i] = diff if single else diff[picked.index(i)]
+                else:
+                    full[i] = next(given)
             return func(*full)
 
+        front = args[picked[0]] if single else tuple(args[i] for i in picked)
+        if method != "exact":
+            return estimated(packed, (front, *rest))
         transform = hessian_diagonal(
             packed, 0, mode=mode, chunk_size=chunks, randomness=randomness, trace=trace
         )
-        return transform(tuple(args[i] for i in picked), *rest)
+        return transform(front, *rest)
 
     return call
 
