@@ -532,15 +532,25 @@ def sample_seeds(size: int, generator: torch.Generator | None) -> torch.Tensor:
 
 
 def rademacher(
-    seeds: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    seeds: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    gaussian: bool = False,
 ) -> torch.Tensor:
-    """``[len(seeds), *shape]`` Rademacher signs (+-1), each sample's from its seed."""
+    """``[len(seeds), *shape]`` Rademacher signs (+-1), each sample's from its seed
+    (standard normal numbers with ``gaussian=True``: never parallel, as sign vectors of
+    a small dimension often are)."""
     rows = []
     for seed in seeds.tolist():
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        rows.append(torch.randint(0, 2, shape, generator=generator, dtype=torch.int8))
-    signs = torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.int8)
-    return (signs * 2 - 1).to(dtype=dtype, device=device)
+        if gaussian:
+            rows.append(torch.randn(shape, generator=generator, dtype=torch.float64))
+        else:
+            signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
+            rows.append((signs * 2 - 1).to(torch.float64))
+    drawn = torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)
+    return drawn.to(dtype=dtype, device=device)
 
 
 def with_nones(func: Callable[..., Any], absent: tuple[int, ...], count: int) -> Any:

@@ -247,7 +247,10 @@ def _estimator_work(
     like = tree_flatten(obj.diff(obj.xs))[0][0]
 
     def probes(seeds: torch.Tensor) -> torch.Tensor:
-        return rademacher(seeds, (rows, request.in_numel), like.dtype, like.device)
+        # Lanczos starts (and restarts) from Gaussian vectors: a restart must leave the
+        # span of the basis so far, which a repeated sign vector does not.
+        gaussian = request.method == "lanczos"
+        return rademacher(seeds, (rows, request.in_numel), like.dtype, like.device, gaussian)
 
     def batched(*args: Any) -> Any:
         return work.batched(*args[:-1], probes(args[-1]))
