@@ -1464,7 +1464,7 @@ def per_sample_hessian_eigvalsh(
     ``method="lanczos"`` (default) never forms the Hessian: `num_iterations` steps of
     Lanczos with full reorthogonalization per sample (default ``max(2 k, k + 20)``,
     capped at the dimension ``n``, where the values are exact up to rounding), one
-    Hessian-vector product each, from a Rademacher start vector seeded per sample as the
+    Hessian-vector product each, from a Gaussian start vector seeded per sample as the
     estimators' probes are (`generator`; a breakdown, when the Krylov space is
     exhausted, restarts from the next seeded vector). The values returned are the
     Rayleigh quotients of the Ritz vectors. Fewer iterations than ``n`` give the largest
