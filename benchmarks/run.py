@@ -801,6 +801,13 @@ def budget_cases() -> list[tuple[str, nn.Module, Tensor, int]]:
     return cases
 
 
+#: The documented promise of a memory budget: the peak a call adds is at most 1.10 x the
+#: budget + 16 MiB (docs/tutorials/memory.rst; the 16 MiB cover the allocator's
+#: granularity, which dominates budgets of a few MiB).
+PROMISE = "memory budget: measured peak <= 1.10 x budget + 16 MiB (the documented promise)"
+PROMISE_RATIO, PROMISE_SLACK = 1.10, 16 * MiB
+
+
 def budget_peaks(quick: bool) -> dict[str, Any]:
     """(child process) Unchunked peak P, then the peaks with ``memory_budget=P // 2``."""
     results: dict[str, Any] = {}
@@ -843,8 +850,8 @@ def budget_check(s: Settings, peaks: dict[str, Any]) -> tuple[list[str], list[Ta
         "median) and the planner's choice from torchcurv's debug log. In this process: times "
         "with the same budget, medians of interleaved repeats after warm-up.", "",
         "| workload | unchunked peak P [MiB] | budget [MiB] | budgeted peak, median (max) "
-        "[MiB] | peak / budget | within budget (+10%) | unchunked [ms] | budgeted [ms] "
-        "| time ratio | repeats | max abs diff | torchcurv log (budgeted call) |",
+        "[MiB] | peak / budget | within the promise (1.10 x budget + 16 MiB) | unchunked [ms] "
+        "| budgeted [ms] | time ratio | repeats | max abs diff | torchcurv log (budgeted call) |",
         "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|---|",
     ]  # fmt: skip
     targets = []
@@ -859,10 +866,10 @@ def budget_check(s: Settings, peaks: dict[str, Any]) -> tuple[list[str], list[Ta
                 raised = f"not measured: raised {got['error'].split(':')[0]}"
                 targets.append(
                     Target(
-                        "memory budget: measured peak <= budget + 10%",
+                        PROMISE,
                         name,
                         raised,
-                        "<= 1.10x",
+                        "<= 1.10x + 16 MiB",
                         False,
                     )
                 )
@@ -889,16 +896,15 @@ def budget_check(s: Settings, peaks: dict[str, Any]) -> tuple[list[str], list[Ta
             t_bu.append(timed(budgeted)[0])
         repeats = len(t_un)
         ratio = statistics.median(t_bu) / statistics.median(t_un)
-        within = peak <= 1.1 * budget
+        within = peak <= PROMISE_RATIO * budget + PROMISE_SLACK
         lines.append(
             f"| {name} | {fmt_mib(P)} | {fmt_mib(budget)} | {fmt_mib(peak)} "
             f"({fmt_mib(got['max'])}) | {peak / budget:.2f} | {passfail(within)} "
             f"| {fmt_ms(statistics.median(t_un))} | {fmt_ms(statistics.median(t_bu))} "
             f"| {fmt_ratio(ratio)} | {repeats} | {diff:.1e} | {got['plan']} |"
         )
-        targets.append(Target("memory budget: measured peak <= budget + 10%", name,
-                              f"{peak / MiB:.1f} MiB of {budget / MiB:.1f} MiB "
-                              f"({peak / budget:.2f}x)", "<= 1.10x", within))  # fmt: skip
+        targets.append(Target(PROMISE, name, f"{peak / MiB:.1f} MiB of {budget / MiB:.1f} MiB "
+                              f"({peak / budget:.2f}x)", "<= 1.10x + 16 MiB", within))  # fmt: skip
         targets.append(Target("memory budget: time / unchunked time", name, fmt_ratio(ratio),
                               "<= 1.5x", ratio <= 1.5))  # fmt: skip
     lines.append("")

@@ -19,7 +19,7 @@ from torch import nn
 
 import torchcurv
 from torchcurv._transforms import hessian_diagonal, hutchpp_trace
-from torchcurv.testing import assert_trees_close
+from torchcurv.testing import assert_matches_finite_differences, assert_trees_close
 
 D = torch.float64
 
@@ -234,3 +234,80 @@ def test_function_level_estimators() -> None:
         torchcurv.laplacian(lambda x: torch.sin(x), method="hutch++", num_samples=6)(x)
     with pytest.raises(torchcurv.TorchcurvError, match="must be one of 'exact', 'hutchinson'"):
         torchcurv.hessian_diag(f, method="hutch++", num_samples=6)
+
+
+@pytest.mark.parametrize(
+    ("public", "method"),
+    [
+        (torchcurv.per_sample_laplacian, "hutchinson"),
+        (torchcurv.per_sample_laplacian, "hutch++"),
+        (torchcurv.per_sample_hessian_diag, "hutchinson"),
+    ],
+)
+def test_gradients_through_estimates_match_finite_differences(public: Any, method: str) -> None:
+    """Hutchinson's estimate under a fixed generator is a smooth function of the inputs
+    and the parameters (the probes do not move): its ``create_graph=True`` gradient,
+    with respect to both, against central finite differences of the estimate itself.
+    Hutch++ holds its sketch's basis ``Q`` fixed in the gradient (an unbiased estimate
+    of the trace's gradient, not the derivative of the estimate): with more sketch
+    sign vectors (10) than input entries (4) ``Q`` spans everything, the estimate is the
+    exact Laplacian and its gradient the exact one, checked against finite differences of
+    the exact Laplacian."""
+    model = mlp()
+    weight = model[2].weight
+    X = torch.randn(3, 4, dtype=D)
+    mix = torch.randn(3, 4, dtype=D)  # weighs every sample (and diagonal entry) differently
+    num_samples = 30 if method == "hutch++" else 6
+
+    def estimate(X: torch.Tensor, create_graph: bool = False, how: str = method) -> torch.Tensor:
+        out = public(
+            model, X, output=1, method=how, create_graph=create_graph,
+            num_samples=None if how == "exact" else num_samples,
+            generator=None if how == "exact" else torch.Generator().manual_seed(5),
+        )  # fmt: skip
+        return (out * (mix if out.dim() == 2 else mix[:, 0])).sum()
+
+    reference = "exact" if method == "hutch++" else method
+
+    def of_both(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.copy_(w)  # in place: the module's prepared call sees the new values
+        try:
+            return estimate(X, how=reference)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+
+    if method == "hutch++":
+        assert_trees_close(estimate(X), estimate(X, how="exact"))
+    Xg = X.clone().requires_grad_(True)
+    gradient = torch.autograd.grad(estimate(Xg, create_graph=True), (Xg, weight))
+    assert all(float(g.abs().max()) > 1e-3 for g in gradient)  # both depend on them
+    assert_matches_finite_differences(
+        of_both, gradient, X, weight.detach().clone(), argnums=(0, 1), order=1
+    )
+
+
+def test_function_level_estimates_under_per_sample_follow_its_randomness() -> None:
+    """Inside `torchcurv.per_sample` the probes are random draws under vmap: refused
+    with ``randomness="error"`` (saying why), one draw for all samples with ``"same"``,
+    each sample its own with ``"different"``; every one an estimate of that sample's."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x).sum() * x.sum()
+
+    x = torch.randn(4, dtype=D)
+    X = x.expand(3, 4).clone()  # three equal samples
+    estimate = torchcurv.laplacian(
+        f, method="hutchinson", num_samples=2, generator=torch.Generator().manual_seed(0)
+    )
+    with pytest.raises(torchcurv.TorchcurvError, match="probes of a function-level estimate"):
+        torchcurv.per_sample(estimate)(X)
+    same = torchcurv.per_sample(estimate, randomness="same")(X)
+    assert torch.equal(same, same[:1].expand(3))
+    different = torchcurv.per_sample(estimate, randomness="different")(X)
+    assert len(set(different.tolist())) > 1
+    exact = torchcurv.laplacian(f)(x)
+    probes = _all_signs(4)  # every sign vector, as the estimate averages them
+    assert_trees_close(hessian_diagonal(f, trace=True, estimate=True)(x, probes), exact)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import warnings
@@ -193,17 +194,23 @@ class _Template:
         self.chunks = chunks
         self.request = dataclasses.replace(request, objective=obj)
         self._works: dict[tuple[int | None, ...], Work] = {}
+        #: The decision of given chunk sizes (the same for every call), once made.
+        self.given: Decision | None = None
 
     def request_for(self, inputs: Any, targets: torch.Tensor | None, vectors: Any) -> Request:
         """The request for a new batch of the same signature (already checked)."""
         model = self.request.objective
         obj = Objective.__new__(Objective)  # a copy (copy.copy takes 3x as long)
         obj.__dict__.update(model.__dict__)
-        obj.xs = tuple(usable(x, False) for x in as_tuple(inputs))
-        obj.targets = None if targets is None else usable(targets, False)
+        if isinstance(inputs, torch.Tensor):
+            obj.xs = (usable(inputs, False),)
+        else:
+            obj.xs = tuple(usable(x, False) for x in as_tuple(inputs))
         if vectors is not None:  # structure and shapes as the first call's (the key)
             obj.vectors = tree_map(lambda v: usable(v, False), vectors)
-        _check_class_targets(obj, self.first.classes)
+        if targets is not None:
+            obj.targets = usable(targets, False)
+            _check_class_targets(obj, self.first.classes)
         r = self.request
         return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel,
                        r.quantity, r.coordinates, r.weights, r.method, r.num_samples,
@@ -227,6 +234,9 @@ def _tensor_key(x: Any) -> tuple[Any, ...]:
     return (type(x), x.shape, x.dtype, x.device, x.layout, x.requires_grad, x.is_inference())
 
 
+_NO_VECTORS = tree_flatten(None)
+
+
 def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) -> Any:
     """The key of a call's template: everything its preparation checked or derived
     from (the options, the shapes, dtypes and devices of the inputs and targets), or
@@ -234,7 +244,7 @@ def _template_key(inputs: Any, settings: tuple[Any, ...], what: dict[str, Any]) 
     indices given, ``create_graph=True``, arguments that are not as expected)."""
     xs = as_tuple(inputs)
     targets, output, params = what.get("targets"), what.get("output"), what.get("params")
-    vectors, spec = tree_flatten(what.get("vectors"))
+    vectors, spec = _NO_VECTORS if what.get("vectors") is None else tree_flatten(what["vectors"])
     if (
         what.get("kwargs")
         or not isinstance(xs, tuple)
@@ -434,21 +444,13 @@ def _prepare(
         request = template.request_for(inputs, what["targets"], what.get("vectors"))
         if method != "exact":  # new probes for every call
             request.objective.vectors = sample_seeds(request.objective.batch_size(), generator)
-        call = _decide(request, template, batch_chunk, axis_chunks, memory_budget, None)
-
-        def again() -> _Call:
-            """The call prepared anew, its module's caches dropped (see `_run`)."""
-            _TEMPLATES.pop(module, None)
-            _FIRST.pop(module, None)
-            return _prepare(
-                function, module, inputs, order=order, mode=mode, chunk_size=chunk_size,
-                memory_budget=memory_budget, randomness=randomness,
-                create_graph=create_graph, quantity=quantity, coordinates=coordinates,
-                weights=weights, method=method, num_samples=num_samples,
-                generator=generator, k=k, **what,
-            )  # fmt: skip
-
-        return dataclasses.replace(call, again=again)
+        options = dict(order=order, mode=mode, chunk_size=chunk_size,
+                       memory_budget=memory_budget, randomness=randomness,
+                       create_graph=create_graph, quantity=quantity, coordinates=coordinates,
+                       weights=weights, method=method, num_samples=num_samples,
+                       generator=generator, k=k, **what)  # fmt: skip
+        again = functools.partial(_prepare_anew, function, module, inputs, options)
+        return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None, again)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
     n_axes = 0 if quantity == "hvp" else order  # an HVP has no basis to chunk
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, n_axes)
@@ -493,6 +495,13 @@ def _prepare(
             del templates[next(iter(templates))]  # the oldest
         templates[key] = template
     return _decide(request, template, batch_chunk, axis_chunks, memory_budget, planning_budget)
+
+
+def _prepare_anew(function: str, module: nn.Module, inputs: Any, options: dict[str, Any]) -> _Call:
+    """A repeated call prepared anew, its module's caches dropped (see `_run`)."""
+    _TEMPLATES.pop(module, None)
+    _FIRST.pop(module, None)
+    return _prepare(function, module, inputs, **options)
 
 
 _METHODS = {
@@ -638,25 +647,28 @@ def _decide(
     axis_chunks: tuple[Any, ...],
     memory_budget: Any,
     planning_budget: int | None,
+    again: Callable[[], _Call] | None = None,
 ) -> _Call:
     """The chunk sizes of a prepared call: given, or planned within the budget."""
     function, obj, engine = request.function, request.objective, template.engine
     axes = template.axes
     why_engine, size = template.why, obj.xs[0].shape[0]
-    axis_chunks = axis_chunks[: len(axes)]
     if batch_chunk != "auto":
-        decision = Decision(
-            function,
-            engine.name,
-            why_engine,
-            batch_chunk,
-            axis_chunks,
-            axes,
-            None,
-            None,
-            "chunk sizes given",
-        )
-        return _Call(request, engine, decision, size, template)
+        decision = template.given
+        if decision is None:
+            decision = template.given = Decision(
+                function,
+                engine.name,
+                why_engine,
+                batch_chunk,
+                axis_chunks[: len(axes)],
+                axes,
+                None,
+                None,
+                "chunk sizes given",
+            )
+        return _Call(request, engine, decision, size, template, again)
+    axis_chunks = axis_chunks[: len(axes)]
     budget = parse_budget(function, memory_budget, obj.xs[0].device)
     if planning_budget is None:
         planning_budget = budget
@@ -703,7 +715,7 @@ def _decide(
         looped,
     )
     logger.debug("%s", decision)
-    return _Call(request, engine, decision, size, template)
+    return _Call(request, engine, decision, size, template, again)
 
 
 # What a repeated call's failure says when its forward now writes what its first forward
@@ -1380,7 +1392,10 @@ def per_sample_laplacian(
         memory_budget: Bytes or a size such as ``"2GiB"``.
         randomness: ``"error"``, ``"different"`` or ``"same"``.
         create_graph: True keeps the results differentiable (a PINN loss on the
-            Laplacian trains the module's parameters).
+            Laplacian trains the module's parameters). The gradient of an estimate is
+            that of the estimate itself for Hutchinson (probes fixed), and for Hutch++
+            the derivative with the sketched basis held fixed: an unbiased estimate of
+            the Laplacian's gradient as well.
 
     Returns:
         The per-sample Laplacians, batch dim first.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._checks import as_inputs, check_layers, check_module, check_objective
-from ._compat import global_module_hooks, tree_flatten, tree_map
+from ._compat import tree_flatten, tree_map
 from ._decompositions import observing_routes
 from ._errors import TorchcurvError, argument_error, describe
 from ._functional import InPlaceWrites, functional_of, in_place_message
@@ -63,6 +63,14 @@ class FirstForward:
     direct: bool = False
 
 
+# torch's dictionaries of global module hooks (registering one adds to them).
+_GLOBAL_HOOKS = tuple(
+    getattr(nn.modules.module, f"_global_{kind}", {})
+    for kind in ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def module_state(module: nn.Module) -> tuple[Any, ...]:
     """What a module's first forward (routing, written buffers, shapes), its engine and
     its memory depend on besides the inputs: the tree of submodules (each one's
@@ -73,26 +81,34 @@ def module_state(module: nn.Module) -> tuple[Any, ...]:
     """
     # One walk over the submodules, reading their dictionaries directly (the
     # named_* iterators build prefixed names and deduplicate: 3x slower on small models).
-    state: list[Any] = [tuple(global_module_hooks())]
+    state: list[Any] = [tuple(tuple(hooks) for hooks in _GLOBAL_HOOKS)]
+    append = state.append
     stack, seen = [module], set()
     while stack:
         m = stack.pop()
         if id(m) in seen:
-            state.append(id(m))  # shared: once
+            append(id(m))  # shared: once
             continue
         seen.add(id(m))
-        state.append((id(m), type(m), m.training, len(m._modules)))
-        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                      m._backward_pre_hooks):  # fmt: skip
+        d = m.__dict__
+        try:
+            training, children, parameters, buffers = (
+                d["training"], d["_modules"], d["_parameters"], d["_buffers"])  # fmt: skip
+        except KeyError:  # a module that keeps them elsewhere
+            training, children, parameters, buffers = (
+                m.training, m._modules, m._parameters, m._buffers)  # fmt: skip
+        append((id(m), type(m), training, len(children)))
+        for kind in _HOOKS:
+            hooks = d[kind] if kind in d else getattr(m, kind, None)
             if hooks:
-                state.append(tuple(hooks))
-        for tensors in (m._parameters, m._buffers):
+                append((kind, tuple(hooks)))
+        for tensors in (parameters, buffers):
             for n, t in tensors.items():
                 if t is not None:
-                    layout = (t.shape, t.stride(), t.storage_offset())
-                    state.append((n, id(t), t.data_ptr(), layout, t.dtype, t.device,
-                                  t.requires_grad))  # fmt: skip
-        stack.extend(child for child in reversed(m._modules.values()) if child is not None)
+                    append((n, id(t), t.data_ptr(), t.shape, t.stride(), t.storage_offset(),
+                            t.dtype, t.device, t.requires_grad))  # fmt: skip
+        if children:
+            stack.extend(child for child in reversed(children.values()) if child is not None)
     return tuple(state)
 
 

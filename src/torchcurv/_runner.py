@@ -472,8 +472,11 @@ def unbatchable(error: BaseException) -> str | None:
 def random_error(function: str) -> str:
     return (
         f"{function}: the function called a random operation (e.g. dropout in training "
-        "mode) while randomness='error'. Pass randomness='different' (each sample its own "
-        "draw) or randomness='same' (one draw for all), or call model.eval()."
+        "mode, or the probes of a function-level estimate such as torchcurv.laplacian(f, "
+        "method='hutchinson')) while randomness='error'. Pass randomness='different' "
+        "(each sample its own draw) or randomness='same' (one draw for all), or call "
+        "model.eval(); module-level estimates (per_sample_laplacian) seed each sample's "
+        "probes themselves."
     )
 
 
