@@ -14,6 +14,8 @@ from ._modules import Decision as Decision
 from ._modules import batch_hessian as batch_hessian
 from ._modules import explain as explain
 from ._modules import functional as functional
+from ._modules import per_sample_ggn as per_sample_ggn
+from ._modules import per_sample_ggn_diag as per_sample_ggn_diag
 from ._modules import per_sample_hessian as per_sample_hessian
 from ._modules import per_sample_hessian_diag as per_sample_hessian_diag
 from ._modules import per_sample_hessian_eigvalsh as per_sample_hessian_eigvalsh
@@ -48,6 +50,8 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "per_sample_jacobian",
     # per-sample quantities of the Hessian
     "per_sample_hessian_diag",
+    "per_sample_ggn",
+    "per_sample_ggn_diag",
     "per_sample_hessian_eigvalsh",
     "per_sample_hvp",
     "per_sample_laplacian",

@@ -93,6 +93,7 @@ from ._types import (
     Wrt,
 )
 from .engines import Engine, Request, choose
+from .engines.generic import GGN_QUANTITIES
 
 logger = logging.getLogger("torchcurv")
 
@@ -101,6 +102,8 @@ __all__ = [
     "batch_hessian",
     "explain",
     "functional",
+    "per_sample_ggn",
+    "per_sample_ggn_diag",
     "per_sample_hessian",
     "per_sample_hessian_diag",
     "per_sample_hessian_eigvalsh",
@@ -214,7 +217,7 @@ class _Template:
         r = self.request
         return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel,
                        r.quantity, r.coordinates, r.weights, r.method, r.num_samples,
-                       r.k)  # fmt: skip
+                       r.k, r.model_numel)  # fmt: skip
 
     def work(self, chunks: tuple[int | None, ...]) -> Work:
         work = self._works.get(chunks)
@@ -452,7 +455,8 @@ def _prepare(
         again = functools.partial(_prepare_anew, function, module, inputs, options)
         return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None, again)
     check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
-    n_axes = 0 if quantity == "hvp" else order  # an HVP has no basis to chunk
+    # an HVP has no basis to chunk; a Gauss-Newton matrix one: the module output's
+    n_axes = 0 if quantity == "hvp" else 1 if quantity in GGN_QUANTITIES else order
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, n_axes)
     randomness = check_randomness(function, randomness, BATCH_RANDOMNESS)
     planning_budget = None
@@ -470,6 +474,8 @@ def _prepare(
                       num_samples)  # fmt: skip
     if quantity == "eigvalsh":
         request = _eigen_request(request, k, num_samples)
+    if quantity in GGN_QUANTITIES:
+        request = dataclasses.replace(request, model_numel=_ggn_split(function, obj, first))
     if method == "hutch++" and (request.out_numel != 1 or coordinates is not None
                                 or weights is not None):  # fmt: skip
         argument_error(
@@ -615,6 +621,47 @@ def _eigen_request(request: Request, k: Any, iterations: Any) -> Request:
     _check_k(request.function, k, n)
     steps = min(n, max(2 * k, k + 20) if iterations is None else iterations)
     return dataclasses.replace(request, num_samples=steps, k=k)
+
+
+def _ggn_split(function: str, obj: Objective, first: FirstForward) -> int:
+    """The entries of one sample's module output, where a Gauss-Newton matrix splits the
+    objective (module | loss); the splits it cannot make are refused with the fix."""
+    if obj.loss is None:
+        argument_error(
+            function,
+            "loss",
+            "is required: the Gauss-Newton matrix J^T H J splits the objective into the "
+            "module's output (J) and a loss of it (H)",
+            None,
+            "Pass loss= (e.g. torch.nn.functional.cross_entropy) and targets=.",
+        )
+    if obj.output is not None:
+        argument_error(
+            function,
+            "output",
+            "must be None: the loss takes the module's whole output",
+            obj.output,
+            "Leave output unset (select inside the loss if needed).",
+        )
+    if obj.loss is F.nll_loss or isinstance(obj.loss, nn.NLLLoss):
+        argument_error(
+            function,
+            "loss",
+            "is linear in the module's output (NLL of log-probabilities), so the "
+            "Gauss-Newton matrix of that split is zero",
+            obj.loss,
+            "Move the final log_softmax into the loss: return logits and pass "
+            "loss=torch.nn.functional.cross_entropy (the same objective, a PSD curvature).",
+        )
+    if not first.model_numel:
+        argument_error(
+            function,
+            "module",
+            "must return one tensor with the batch dim first (the loss's input)",
+            obj.module,
+            "Wrap the module so that its forward returns the tensor the loss takes.",
+        )
+    return first.model_numel
 
 
 def _check_k(function: str, k: Any, n: int) -> None:
@@ -896,7 +943,8 @@ def _result_bytes(request: Request) -> int:
     item = itemsize(request.objective.probe_sample()[0])
     if request.quantity == "eigvalsh":
         return int((request.k or 1) * item)
-    power = {"hessian": request.order, "diagonal": 1, "trace": 0, "hvp": 1}[request.quantity]
+    power = {"hessian": request.order, "diagonal": 1, "trace": 0, "hvp": 1, "ggn": 2,
+             "ggn_diagonal": 1}[request.quantity]  # fmt: skip
     return int(request.out_numel * request.in_numel**power * item)
 
 
@@ -1216,6 +1264,190 @@ def per_sample_hessian_diag(
             targets=targets,
             kwargs=kwargs,
             argnums=argnums,
+        )
+        return _run(call)
+
+
+def per_sample_ggn(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    loss: LossFunction,
+    targets: torch.Tensor,
+    wrt: Wrt = "params",
+    params: ParamSelection = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    mode: str = "auto",
+    chunk_size: ModuleChunk = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> Any:
+    """The generalized Gauss-Newton matrix of each sample's loss.
+
+    ``G = J^T H J``, with ``J`` the Jacobian of the module's output ``z`` for the sample
+    (with respect to what `wrt` selects) and ``H`` the Hessian of ``loss(z, target)``
+    with respect to ``z``: the Hessian of the loss without the terms of the module's
+    own second derivatives. Positive semi-definite for convex losses (cross-entropy:
+    ``H = diag(p) - p p^T``; MSE: a multiple of the identity); for a user's loss ``H``
+    is its exact Hessian (by autograd, in `mode`), indefinite where the loss is not
+    convex. Computed from one forward per sample and ``C`` vector-Jacobian products
+    (``C`` = the entries of the module output), never ``P`` Hessian-vector products:
+    it holds ``J`` (``C x P`` numbers per sample) and the result.
+
+    The nesting of `per_sample_hessian`: ``{name_i: {name_j: [B, *p_i, *p_j]}}`` with
+    ``wrt="params"`` (the default), ``[B, *x, *x]`` with ``wrt="inputs"``, and the nested
+    blocks of ``wrt="both"``. The loss is of one sample, as a batch of one
+    (``reduction="mean"`` divides by one).
+
+    Args:
+        module: The model; never modified. Its forward returns the loss's input (logits
+            for cross-entropy: an NLL loss after a final ``log_softmax`` is linear in the
+            module's output, so its Gauss-Newton matrix is zero and it is refused).
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        loss: ``loss(out, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``).
+        targets: One target per sample.
+        wrt: ``"params"`` (default), ``"inputs"`` or ``"both"``.
+        params: Which parameters, see `torchcurv.functional`.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        mode: The mode of the loss Hessian: a `torchcurv.hessian` mode or ``"auto"``.
+        chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, outputs)``:
+            the second axis runs over the module output's ``C`` entries (the
+            vector-Jacobian products).
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: True keeps the results differentiable.
+
+    Returns:
+        The per-sample Gauss-Newton matrices, batch dim first.
+
+    Raises:
+        MemoryBudgetError: If the budget cannot be met even with chunks of one.
+        TorchcurvError: For bad arguments (no loss, an NLL loss, an output selection).
+
+    Example:
+        For a linear model and the mean squared error over ``C`` outputs the loss
+        Hessian is ``(2 / C) I``, so the input Gauss-Newton matrix is ``(2 / C) W^T W``:
+
+        >>> import torch, torchcurv
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, Y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> G = torchcurv.per_sample_ggn(model, X, loss=F.mse_loss, targets=Y, wrt="inputs")
+        >>> G.shape
+        torch.Size([4, 3, 3])
+        >>> W = model.weight.detach()
+        >>> torch.allclose(G[0], W.T @ W)  # 2 / C = 1
+        True
+    """
+    return _ggn(
+        "per_sample_ggn", "ggn", module, inputs, loss=loss, targets=targets, wrt=wrt,
+        params=params, kwargs=kwargs, argnums=argnums, mode=mode, chunk_size=chunk_size,
+        memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
+    )  # fmt: skip
+
+
+def per_sample_ggn_diag(
+    module: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    loss: LossFunction,
+    targets: torch.Tensor,
+    wrt: Wrt = "params",
+    params: ParamSelection = None,
+    kwargs: Mapping[str, Any] | None = None,
+    argnums: int | tuple[int, ...] | None = None,
+    mode: str = "auto",
+    chunk_size: ModuleChunk = "auto",
+    memory_budget: int | float | str | None = None,
+    randomness: Literal["error", "different", "same"] = "error",
+    create_graph: bool = False,
+) -> Any:
+    """The diagonal of each sample's generalized Gauss-Newton matrix, without forming it.
+
+    The diagonal of `per_sample_ggn`'s ``G = J^T H J``: ``sum_c J_c * (H J)_c`` from one
+    forward and ``C`` vector-Jacobian products per sample, ``O(C x P)`` numbers, never
+    ``P x P`` (the curvature of pruning scores and diagonal Laplace approximations). The
+    nesting of `per_sample_hessian_diag`: ``{name: [B, *p.shape]}`` with
+    ``wrt="params"`` (the default), ``[B, *x.shape]`` with ``wrt="inputs"``. Its sum
+    over the entries is the trace of the Gauss-Newton matrix.
+
+    Args:
+        module: The model; never modified (its forward returns the loss's input).
+        inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
+        loss: ``loss(out, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``).
+        targets: One target per sample.
+        wrt: ``"params"`` (default), ``"inputs"`` or ``"both"``.
+        params: Which parameters, see `torchcurv.functional`.
+        kwargs: Keyword arguments for the forward, the same for every sample.
+        argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
+        mode: The mode of the loss Hessian: a `torchcurv.hessian` mode or ``"auto"``.
+        chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, outputs)``.
+        memory_budget: Bytes or a size such as ``"2GiB"``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``.
+        create_graph: True keeps the results differentiable.
+
+    Returns:
+        The per-sample Gauss-Newton diagonals, batch dim first.
+
+    Raises:
+        MemoryBudgetError: If the budget cannot be met even with chunks of one.
+        TorchcurvError: For bad arguments, as `per_sample_ggn`.
+
+    Example:
+        A linear model under the mean squared error over ``C`` outputs: the weight
+        ``W[i, j]`` moves output ``i`` by ``x_j``, so its diagonal entry is
+        ``(2 / C) x_j^2``, the bias's ``2 / C``:
+
+        >>> import torch, torchcurv
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, Y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> d = torchcurv.per_sample_ggn_diag(model, X, loss=F.mse_loss, targets=Y)
+        >>> d["weight"].shape
+        torch.Size([4, 2, 3])
+        >>> torch.allclose(d["weight"], (X**2)[:, None, :].expand(4, 2, 3))  # 2 / C = 1
+        True
+        >>> torch.allclose(d["bias"], torch.ones(4, 2, dtype=torch.float64))
+        True
+    """
+    return _ggn(
+        "per_sample_ggn_diag", "ggn_diagonal", module, inputs, loss=loss, targets=targets,
+        wrt=wrt, params=params, kwargs=kwargs, argnums=argnums, mode=mode,
+        chunk_size=chunk_size, memory_budget=memory_budget, randomness=randomness,
+        create_graph=create_graph,
+    )  # fmt: skip
+
+
+def _ggn(
+    name: str,
+    quantity: str,
+    module: nn.Module,
+    inputs: Any,
+    *,
+    mode: str,
+    chunk_size: Any,
+    memory_budget: Any,
+    randomness: Any,
+    create_graph: bool,
+    **what: Any,
+) -> Any:
+    with _grad_mode(name, create_graph):
+        call = _prepare(
+            name,
+            module,
+            inputs,
+            order=2,
+            mode=mode,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            randomness=randomness,
+            create_graph=create_graph,
+            quantity=quantity,
+            output=None,
+            **what,
         )
         return _run(call)
 
@@ -1600,6 +1832,8 @@ _EXPLAINABLE: dict[Callable[..., Any], tuple[str, int, str]] = {
     per_sample_laplacian: ("per_sample_laplacian", 2, "trace"),
     per_sample_hvp: ("per_sample_hvp", 2, "hvp"),
     per_sample_hessian_eigvalsh: ("per_sample_hessian_eigvalsh", 2, "eigvalsh"),
+    per_sample_ggn: ("per_sample_ggn", 2, "ggn"),
+    per_sample_ggn_diag: ("per_sample_ggn_diag", 2, "ggn_diagonal"),
 }
 
 

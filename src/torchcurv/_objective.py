@@ -53,6 +53,8 @@ class FirstForward:
             copied inside the derivative, for each sample.
         direct: Whether the selected output is one index into the module's output
             (``out[0, output]``), checked once.
+        model_numel: Entries of the module's output for one sample (a tensor with the
+            batch of one first; 0 otherwise): the split point of a Gauss-Newton matrix.
     """
 
     out_shape: tuple[int, ...]
@@ -61,6 +63,7 @@ class FirstForward:
     written: tuple[str, ...]
     inputs_written: bool = False
     direct: bool = False
+    model_numel: int = 0
 
 
 # torch's dictionaries of global module hooks (registering one adds to them).
@@ -351,6 +354,11 @@ class Objective:
         the inputs passed along undifferentiated (`passed`), `buffers` the sample's own
         copies of the buffers the forward writes (`written`; copied again here, so the
         writes land on copies); `vectors` are the derivative's, not the objective's."""
+        return self._objective(self.sample_output(diff, xs, buffers), target)
+
+    def sample_output(self, diff: Any, xs: Any, buffers: Mapping[str, Any] | None = None) -> Any:
+        """The module's output for one sample, as a batch of one (before output
+        selection and loss; arguments as `per_sample`'s)."""
         params, xs = self._split(diff, xs)
         if buffers:
             params = {**params, **{n: b.clone() for n, b in buffers.items()}}
@@ -359,8 +367,12 @@ class Objective:
             xs = tree_map(_copy, xs)
         if self.aliased and kwargs:
             kwargs = tree_map(_copy, kwargs)
-        out = self.fn(params, *(x.unsqueeze(0) for x in xs), **kwargs)
-        return self._objective(out, target)
+        return self.fn(params, *(x.unsqueeze(0) for x in xs), **kwargs)
+
+    def sample_loss(self, out: Any, target: Any) -> torch.Tensor:
+        """The loss of one sample's output (a batch of one) and target."""
+        assert self.loss is not None
+        return _loss_value(self.function, self.loss(out, target.unsqueeze(0)))
 
     def _objective(self, out: Any, target: Any) -> torch.Tensor:
         if self.direct:  # the first forward checked it: the fast path of `_indexes_directly`
@@ -405,6 +417,7 @@ class Objective:
         inputs_written = any(x._version for x in fresh)
         value = self._objective(out, target)
         classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() >= 2 else None
+        batch_of_one = isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 1
         return FirstForward(
             tuple(value.shape),
             classes,
@@ -412,6 +425,7 @@ class Objective:
             written,
             inputs_written,
             self._indexes_directly(out),
+            out.numel() if batch_of_one else 0,
         )
 
     def _refuse_parameter_writes(self, state: dict[str, torch.Tensor], inputs: Any) -> None:

@@ -58,7 +58,8 @@ class Request:
         in_numel: Entries of one sample's differentiated pytree.
         quantity: What of the second derivative (order 2): ``"hessian"`` (the whole
             matrix), ``"diagonal"`` or ``"trace"``, reduced as each basis chunk is
-            computed.
+            computed; ``"ggn"`` / ``"ggn_diagonal"``: the generalized Gauss-Newton
+            matrix ``J^T H_loss J`` of the module output and the loss (its diagonal).
         coordinates: For a trace: the flat indices of the differentiated entries it
             runs over (None: all of them).
         weights: For a trace: one weight per coordinate (None: all ones).
@@ -67,6 +68,9 @@ class Request:
             with Rademacher probes (their seeds are the objective's per-sample vectors);
             for eigenvalues ``"lanczos"``, `num_samples` being its iterations.
         k: For eigenvalues: how many, the algebraically largest.
+        model_numel: For a Gauss-Newton matrix (quantity ``"ggn"`` or
+            ``"ggn_diagonal"``): the entries of one sample's module output, where the
+            objective splits into the module and its loss.
     """
 
     function: str
@@ -81,6 +85,7 @@ class Request:
     method: str = "exact"
     num_samples: int | None = None
     k: int | None = None
+    model_numel: int = 0
 
     @property
     def out_numel(self) -> int:

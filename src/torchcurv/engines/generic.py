@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import DERIVATIVE_LOCK, tree_flatten
+from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import unrouted
 from .._runner import Batch, Work, cuda_devices, rademacher, vmapped, with_nones
 from .._transforms import (
@@ -36,7 +36,10 @@ from .._transforms import (
 )
 from . import Request
 
-__all__ = ["GenericEngine", "fallback_mode"]
+__all__ = ["GGN_QUANTITIES", "GenericEngine", "fallback_mode"]
+
+#: The quantities of a generalized Gauss-Newton matrix (`Request.quantity`).
+GGN_QUANTITIES = ("ggn", "ggn_diagonal")
 
 # Messages of torch errors that mean "this mode has no rule for an op of the forward"
 # (forward-mode AD not implemented, in-place ops under vmapped forward mode, a missing
@@ -144,6 +147,8 @@ class GenericEngine:
         m, n = request.out_numel, request.in_numel
         if request.quantity == "hvp":
             return ()  # one product per sample: no basis
+        if request.quantity in GGN_QUANTITIES:
+            return (request.model_numel,)  # the vector-Jacobian products, one per output
         if self.order == 1:
             return (n if self.mode == "fwd" else m,)
         inner, outer = hessian_basis_sizes(self.mode, m, n)
@@ -166,6 +171,8 @@ class GenericEngine:
         count = len(obj.in_dims())
         func = with_nones(obj.per_sample, absent, count)
         vectorised = True
+        if request.quantity in GGN_QUANTITIES:
+            return _ggn_work(self.mode, request, chunks, absent, count, inner)
         if request.method != "exact":
             return _estimator_work(self.mode, request, chunks, absent, count, inner)
         if request.quantity == "hvp":
@@ -206,6 +213,52 @@ class GenericEngine:
             )
         planned = _planned(transform, obj.routed, vectorised)
         return vmapped(planned, obj.in_dims(), 0, request.randomness, absent)
+
+
+def _ggn_work(
+    mode: str,
+    request: Request,
+    chunks: tuple[int | None, ...],
+    absent: tuple[int, ...],
+    count: int,
+    randomness: str,
+) -> Work:
+    """Work of a generalized Gauss-Newton matrix ``G = J^T H J`` (or its diagonal) per
+    sample: one forward with its vector-Jacobian products against the module output's
+    basis (``J^T``, one row per output entry, in chunks of ``chunks[0]``), the loss
+    Hessian ``H`` of that output in `mode` (exact for any loss: closed forms need not be
+    recognised, and an indefinite ``H`` is kept as it is), contracted: ``G[a][b] =
+    sum_cd J_ca H_cd J_db``, the diagonal ``sum_c J_c * (H J)_c``. Differentiable with
+    ``create_graph`` like every engine's result."""
+    obj = request.objective
+    diagonal = request.quantity == "ggn_diagonal"
+
+    def ggn(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
+        del vectors
+        out, pull = torch.func.vjp(lambda d: obj.sample_output(d, xs, buffers), diff)[:2]
+        curvature = hessian(
+            lambda o: obj.sample_loss(o, target),
+            mode=mode,  # type: ignore[arg-type]
+            randomness=randomness,  # type: ignore[arg-type]
+        )(out)
+        n = out.numel()
+        h = curvature.reshape(n, n)
+        basis = torch.eye(n, dtype=out.dtype, device=out.device).reshape(n, *out.shape)
+        rows = torch.vmap(lambda v: pull(v)[0], chunk_size=chunks[0], randomness=randomness)(basis)
+        flat, spec = tree_flatten(rows)  # leaves [n, *leaf]: the rows of J^T
+        weighted = [torch.tensordot(h, j, dims=1) for j in flat]  # H J
+        if diagonal:
+            return tree_unflatten([(j * w).sum(0) for j, w in zip(flat, weighted, strict=True)],
+                                  spec)  # fmt: skip
+        # rows of the pytree outside, columns inside, as torch.func nests a Hessian
+        return tree_unflatten(
+            [tree_unflatten([torch.tensordot(j, w, dims=([0], [0])) for w in weighted], spec)
+             for j in flat],
+            spec,
+        )  # fmt: skip
+
+    func = with_nones(ggn, absent, count)
+    return vmapped(_planned(func, obj.routed), obj.in_dims(), 0, request.randomness, absent)
 
 
 def _estimator_work(

@@ -1085,6 +1085,8 @@ class StructuredEngine:
             return "it computes Hessians only"
         if request.quantity == "hvp":
             return "it forms whole Hessians, and a Hessian-vector product needs none"
+        if request.quantity in ("ggn", "ggn_diagonal"):
+            return "it computes Hessians, not Gauss-Newton matrices"
         if request.method != "exact":
             return f"it computes exact quantities, not a {request.method} estimate"
         if obj.wrt != "inputs":
