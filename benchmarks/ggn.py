@@ -143,8 +143,10 @@ def main() -> None:
                 )
                 theirs = theirs_fn()
             except Exception as error:  # reported in the table
-                theirs_fn, failed = None, f"BackPACK failed: {type(error).__name__}: " + (
-                    str(error).splitlines()[0][:120]
+                theirs_fn, failed = (
+                    None,
+                    f"BackPACK failed: {type(error).__name__}: "
+                    + (str(error).splitlines()[0][:120]),
                 )
             else:
                 scale = max(float(v.abs().max()) for v in mine.values())
