@@ -111,7 +111,15 @@ def test_explain_shows_lanczos() -> None:
         ({"k": 1, "output": 0, "method": "dense", "num_iterations": 3}, "lanczos' only"),
         ({"k": 5, "output": 0, "method": "dense"}, r"k must be an int from 1 to the 4"),
         ({"k": 1, "output": 0, "method": "power"}, "'lanczos' or 'dense'"),
-        ({"k": 1, "output": 0, "num_iterations": 0}, "num_samples|num_iterations|int >= 1"),
+        (
+            {"k": 1, "output": 0, "num_iterations": 0},
+            "num_iterations must be an int of at least k",
+        ),
+        (
+            {"k": 3, "output": 0, "num_iterations": 2},
+            "num_iterations must be an int of at least k",
+        ),
+        ({"k": 1, "output": 0, "num_iterations": 2.0}, "num_iterations must be an int"),
     ],
 )
 def test_bad_arguments_are_refused(options: dict[str, Any], message: str) -> None:

@@ -46,6 +46,11 @@ class Quadratic(nn.Module):
         return torch.einsum("bi,ij,bj->b", x, self.A, x)[:, None]
 
 
+class TwoInputs(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(a) * b).sum(-1, keepdim=True)
+
+
 def _all_signs(n: int) -> torch.Tensor:
     return torch.tensor(list(itertools.product([-1.0, 1.0], repeat=n)), dtype=D)
 
@@ -180,6 +185,22 @@ def test_hutchpp_has_a_lower_variance_than_hutchinson_on_a_decaying_spectrum() -
         (
             lambda m, X: torchcurv.per_sample_hessian_diag(m, X, method="hutch++", num_samples=6),
             "must be one of 'exact', 'hutchinson'",
+        ),
+        (
+            lambda m, X: torchcurv.per_sample_laplacian(
+                m, X, output=0, method="hutch++", num_samples=6, coordinates=[0, 1]
+            ),
+            r"sketch has no coordinates or weights\), got 'hutch\+\+'\. Use method='hutchinson'",
+        ),
+        (
+            lambda m, X: torchcurv.per_sample_laplacian(
+                TwoInputs(),
+                (X, X),
+                output=0,
+                argnums=(0, 1),
+                coordinates=torch.ones(4, dtype=torch.bool),
+            ),
+            "as a boolean mask needs one differentiated input",
         ),
         (
             lambda m, X: torchcurv.per_sample_laplacian(

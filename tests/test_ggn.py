@@ -291,3 +291,15 @@ def test_the_diagonal_sums_to_the_trace() -> None:
     total = sum(leaf.reshape(2, -1).sum(1) for leaf in d.values())
     assert_trees_close(total, G.diagonal(dim1=1, dim2=2).sum(1))
     assert math.isclose(float(G.diagonal(dim1=1, dim2=2).sum()), float(sum(total)), rel_tol=1e-12)
+
+
+def test_modes_are_those_of_the_loss_hessian() -> None:
+    model = mlp()
+    X, y = torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))
+    reference = torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y)
+    for mode in ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd"):
+        got = torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y, mode=mode)
+        assert_trees_close(got, reference)
+    with pytest.raises(torchcurv.TorchcurvError, match="mode must be one of") as error:
+        torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y, mode="structured")
+    assert "'structured'" not in str(error.value).split("got")[0]

@@ -447,3 +447,32 @@ def test_quantities_match_the_full_hessian(model: nn.Module, data: Any) -> None:
     )
     options["chunk_size"] = data.draw(st.sampled_from(["auto", None, 1, 2]), label="chunk_size")
     assert_quantities_match_hessian(model, X, **options)
+
+
+# --------------------------------------------------------------------------------------
+# per-sample Gauss-Newton (issue 26): against J^T H J from torch.autograd.functional
+# --------------------------------------------------------------------------------------
+
+
+@given(tcs.mlps(max_width=5, batch_norm=st.booleans(), tied=st.booleans()), st.data())
+@at_most(100)
+def test_ggn_equals_jt_h_j_and_its_diagonal(model: nn.Module, data: Any) -> None:
+    from test_ggn import reference_ggn
+
+    model = model.double()
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X").double()
+    m = model(X[:1]).shape[-1]
+    loss = data.draw(st.sampled_from([F.cross_entropy, F.mse_loss]), label="loss")
+    B = X.shape[0]
+    Y = torch.randint(0, m, (B,)) if loss is F.cross_entropy else torch.randn(B, m).double()
+    wrt = data.draw(st.sampled_from(["inputs", "params", "both"]), label="wrt")
+    options = {
+        "mode": data.draw(st.sampled_from(["auto", "fwd-over-rev", "rev-over-rev"]), label="mode"),
+        "chunk_size": data.draw(st.sampled_from(["auto", None, 1, (2, 1)]), label="chunk_size"),
+    }
+    expected = reference_ggn(model, X, Y, loss, wrt)
+    G = torchcurv.per_sample_ggn(model, X, loss=loss, targets=Y, wrt=wrt, **options)
+    assert_trees_close(torchcurv.to_matrix(G, batch_dims=1), expected)
+    d = torchcurv.per_sample_ggn_diag(model, X, loss=loss, targets=Y, wrt=wrt, **options)
+    flat = torch.cat([leaf.reshape(B, -1) for leaf in torch.utils._pytree.tree_leaves(d)], 1)
+    assert_trees_close(flat, expected.diagonal(dim1=1, dim2=2))

@@ -454,7 +454,13 @@ def _prepare(
                        generator=generator, k=k, **what)  # fmt: skip
         again = functools.partial(_prepare_anew, function, module, inputs, options)
         return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None, again)
-    check_mode(function, mode, (*HESSIAN_MODES, "structured") if order == 2 else JACOBIAN_MODES)
+    check_mode(
+        function,
+        mode,
+        JACOBIAN_MODES if order == 1
+        else HESSIAN_MODES if quantity in GGN_QUANTITIES
+        else (*HESSIAN_MODES, "structured"),
+    )  # fmt: skip
     # an HVP has no basis to chunk; a Gauss-Newton matrix one: the module output's
     n_axes = 0 if quantity == "hvp" else 1 if quantity in GGN_QUANTITIES else order
     batch_chunk, axis_chunks = check_module_chunk(function, chunk_size, memory_budget, n_axes)
@@ -476,15 +482,23 @@ def _prepare(
         request = _eigen_request(request, k, num_samples)
     if quantity in GGN_QUANTITIES:
         request = dataclasses.replace(request, model_numel=_ggn_split(function, obj, first))
-    if method == "hutch++" and (request.out_numel != 1 or coordinates is not None
-                                or weights is not None):  # fmt: skip
+    if method == "hutch++" and request.out_numel != 1:
         argument_error(
             function,
             "method",
-            "'hutch++' needs an objective with one entry per sample and no coordinates or "
-            f"weights; the selected output has shape {request.out_shape}",
+            "'hutch++' needs an objective with one entry per sample; the selected output "
+            f"has shape {request.out_shape}",
             method,
             "Select one output (output=0), or use method='hutchinson' or 'exact'.",
+        )
+    if method == "hutch++" and (coordinates is not None or weights is not None):
+        argument_error(
+            function,
+            "method",
+            "'hutch++' takes the trace over all entries (its sketch has no coordinates or "
+            "weights)",
+            method,
+            "Use method='hutchinson' (or 'exact') with coordinates= / weights=.",
         )
     if quantity == "hvp" and request.out_numel != 1:
         _refuse_non_scalar(request)
@@ -554,7 +568,17 @@ def _selection(
     if coordinates is not None:
         given = coordinates
         if isinstance(given, torch.Tensor) and given.dtype == torch.bool:
-            if tuple(given.shape) != shape or not obj.single:
+            if not obj.single:
+                argument_error(
+                    function,
+                    "coordinates",
+                    "as a boolean mask needs one differentiated input (tuple argnums "
+                    "differentiate several)",
+                    given,
+                    "Pass flat indices into the entries of all differentiated inputs, in "
+                    "order (the first input's entries first).",
+                )
+            if tuple(given.shape) != shape:
                 argument_error(
                     function,
                     "coordinates",
@@ -1304,7 +1328,8 @@ def per_sample_ggn(
     Args:
         module: The model; never modified. Its forward returns the loss's input (logits
             for cross-entropy: an NLL loss after a final ``log_softmax`` is linear in the
-            module's output, so its Gauss-Newton matrix is zero and it is refused).
+            module's output, so its Gauss-Newton matrix is zero; ``F.nll_loss`` and
+            ``nn.NLLLoss`` are refused, a function wrapping them is not recognised).
         inputs: The batch, ``[B, ...]``, or a tuple of such tensors.
         loss: ``loss(out, target) -> scalar`` (e.g. ``F.cross_entropy``, ``F.mse_loss``).
         targets: One target per sample.
@@ -1803,6 +1828,18 @@ def per_sample_hessian_eigvalsh(
             "Pass method='lanczos' (no Hessian formed) or 'dense'.",
         )  # fmt: skip
     check_mode(name, mode, HVP_MODES)
+    if num_iterations is not None and (
+        isinstance(num_iterations, bool)
+        or not isinstance(num_iterations, int)
+        or num_iterations < (k if isinstance(k, int) and not isinstance(k, bool) else 1)
+    ):
+        argument_error(
+            name,
+            "num_iterations",
+            "must be an int of at least k (each Lanczos step adds one Ritz value)",
+            num_iterations,
+            "Pass num_iterations >= k, or leave it None (max(2 k, k + 20), capped at n).",
+        )
     with _grad_mode(name, create_graph):
         call = _prepare(
             name,
@@ -1849,7 +1886,9 @@ def explain(
     Args:
         function: A module-level function: `torchcurv.per_sample_hessian`,
             `torchcurv.per_sample_jacobian`, `torchcurv.per_sample_hessian_diag`,
-            `torchcurv.per_sample_laplacian` or `torchcurv.per_sample_hvp`.
+            `torchcurv.per_sample_laplacian`, `torchcurv.per_sample_hvp`,
+            `torchcurv.per_sample_hessian_eigvalsh` (Lanczos), `torchcurv.per_sample_ggn`
+            or `torchcurv.per_sample_ggn_diag`.
         module: The model, as for `function`.
         inputs: The batch, as for `function`.
         **options: The keyword arguments of `function`.
@@ -1880,7 +1919,8 @@ def explain(
             "must be a module-level torchcurv function",
             function,
             "Pass torchcurv.per_sample_hessian, per_sample_jacobian, "
-            "per_sample_hessian_diag, per_sample_laplacian or per_sample_hvp.",
+            "per_sample_hessian_diag, per_sample_laplacian, per_sample_hvp, "
+            "per_sample_hessian_eigvalsh, per_sample_ggn or per_sample_ggn_diag.",
         )
     name, order, quantity = _EXPLAINABLE[function]
     create_graph = options.pop("create_graph", False)
