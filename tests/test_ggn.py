@@ -198,6 +198,10 @@ def test_explain_shows_the_output_axis_and_a_parameter_subset() -> None:
     decision = torchcurv.explain(
         torchcurv.per_sample_ggn_diag, model, X, loss=F.cross_entropy, targets=y
     )
+    assert decision.engine == "structured"  # the default: wrt='params', as the function's
+    decision = torchcurv.explain(
+        torchcurv.per_sample_ggn, model, X, loss=F.cross_entropy, targets=y
+    )
     assert decision.basis_sizes == (5,)
     assert "Gauss-Newton" in decision.why_engine
     d = torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y, params="2.*")
@@ -297,9 +301,8 @@ def test_modes_are_those_of_the_loss_hessian() -> None:
     model = mlp()
     X, y = torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))
     reference = torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y)
-    for mode in ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd"):
+    for mode in ("fwd-over-rev", "rev-over-rev", "rev-over-fwd", "fwd-over-fwd", "structured"):
         got = torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y, mode=mode)
         assert_trees_close(got, reference)
-    with pytest.raises(torchcurv.TorchcurvError, match="mode must be one of") as error:
-        torchcurv.per_sample_ggn_diag(model, X, loss=F.cross_entropy, targets=y, mode="structured")
-    assert "'structured'" not in str(error.value).split("got")[0]
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="whole Gauss-Newton matrices"):
+        torchcurv.per_sample_ggn(model, X, loss=F.cross_entropy, targets=y, mode="structured")

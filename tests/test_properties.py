@@ -476,3 +476,28 @@ def test_ggn_equals_jt_h_j_and_its_diagonal(model: nn.Module, data: Any) -> None
     d = torchcurv.per_sample_ggn_diag(model, X, loss=loss, targets=Y, wrt=wrt, **options)
     flat = torch.cat([leaf.reshape(B, -1) for leaf in torch.utils._pytree.tree_leaves(d)], 1)
     assert_trees_close(flat, expected.diagonal(dim1=1, dim2=2))
+
+
+@given(tcs.mlps(max_width=5, batch_norm=st.booleans(), tied=st.booleans()), st.data())
+@at_most(100)
+def test_parameter_diagonals_equal_the_whole_matrices(model: nn.Module, data: Any) -> None:
+    """The structured parameter diagonals (where `"auto"` takes them) against the
+    diagonals of the whole per-sample Hessian and Gauss-Newton matrices (rev-over-rev)."""
+    from test_ggn import reference_ggn
+
+    model = model.double()
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X").double()
+    m = model(X[:1]).shape[-1]
+    loss = data.draw(st.sampled_from([F.cross_entropy, F.mse_loss]), label="loss")
+    B = X.shape[0]
+    Y = torch.randint(0, m, (B,)) if loss is F.cross_entropy else torch.randn(B, m).double()
+    options: dict[str, Any] = {"loss": loss, "targets": Y, "wrt": "params"}
+    whole = torchcurv.per_sample_hessian(model, X, mode="rev-over-rev", **options)
+    H = torchcurv.to_matrix(whole, batch_dims=1)
+    for public, expected in (
+        (torchcurv.per_sample_hessian_diag, H),
+        (torchcurv.per_sample_ggn_diag, reference_ggn(model, X, Y, loss, "params")),
+    ):
+        d = public(model, X, **options)
+        flat = torch.cat([leaf.reshape(B, -1) for leaf in torch.utils._pytree.tree_leaves(d)], 1)
+        assert_trees_close(flat, expected.diagonal(dim1=1, dim2=2))

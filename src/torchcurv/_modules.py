@@ -457,9 +457,7 @@ def _prepare(
     check_mode(
         function,
         mode,
-        JACOBIAN_MODES if order == 1
-        else HESSIAN_MODES if quantity in GGN_QUANTITIES
-        else (*HESSIAN_MODES, "structured"),
+        JACOBIAN_MODES if order == 1 else (*HESSIAN_MODES, "structured"),
     )  # fmt: skip
     # an HVP has no basis to chunk; a Gauss-Newton matrix one: the module output's
     n_axes = 0 if quantity == "hvp" else 1 if quantity in GGN_QUANTITIES else order
@@ -1961,7 +1959,9 @@ def explain(
         plan_options["method"] = options.pop("method", "exact")
         plan_options["num_samples"] = options.pop("num_samples", None)
         plan_options["generator"] = options.pop("generator", None)
-    what["wrt"] = "inputs" if inputs_only else options.pop("wrt", "inputs")
+    # the function's own default (the Gauss-Newton functions differentiate the parameters)
+    default_wrt = "params" if quantity in GGN_QUANTITIES else "inputs"
+    what["wrt"] = "inputs" if inputs_only else options.pop("wrt", default_wrt)
     what.setdefault("params", None)
     if options:
         argument_error(

@@ -17,7 +17,9 @@ objective's, shared by all.
 
 The ``"auto"`` rule, the same words at function and module level: *the fastest engine
 that can compute it*. For a Hessian that is the structured engine (Hessian
-backpropagation) when it applies and its cost model predicts it faster, otherwise
+backpropagation: whole input Hessians of layer stacks, and per-sample Hessian and
+Gauss-Newton diagonals of parameters over the traced graph, `torchcurv.engines.diagonals`)
+when it applies and its cost model predicts it faster, otherwise
 forward-over-reverse with the inner stage chosen by size (reverse unless the output has
 more entries than the input). For a Jacobian: reverse mode unless the output has more
 entries than the input, then forward mode. The function-level transforms have no

@@ -1078,15 +1078,31 @@ class StructuredEngine:
 
     name = "structured"
 
+    def __init__(self) -> None:
+        from .diagonals import ParameterDiagonals
+
+        #: per-sample diagonals of parameter curvature (`torchcurv.engines.diagonals`)
+        self.diagonals = ParameterDiagonals()
+
+    def _of_parameters(self, request: Request) -> bool:
+        return request.objective.wrt == "params" and request.quantity in (
+            "diagonal",
+            "ggn_diagonal",
+        )
+
     def obstacle(self, request: Request) -> str | None:
         """Why this engine cannot compute `request`, or None if it can."""
         obj = request.objective
         if request.order != 2:
             return "it computes Hessians only"
+        if self._of_parameters(request):
+            return self.diagonals.obstacle(request)
         if request.quantity == "hvp":
             return "it forms whole Hessians, and a Hessian-vector product needs none"
-        if request.quantity in ("ggn", "ggn_diagonal"):
-            return "it computes Hessians, not Gauss-Newton matrices"
+        if request.quantity == "ggn":
+            return "it computes Gauss-Newton diagonals, not whole Gauss-Newton matrices"
+        if request.quantity == "ggn_diagonal":
+            return "it computes Gauss-Newton diagonals of the parameters only (wrt='params')"
         if request.method != "exact":
             return f"it computes exact quantities, not a {request.method} estimate"
         if obj.wrt != "inputs":
@@ -1128,6 +1144,8 @@ class StructuredEngine:
         return None
 
     def predicted_faster(self, request: Request) -> bool:
+        if self._of_parameters(request):
+            return self.diagonals.predicted_faster(request)
         x = request.objective.xs[0]
         return prefer_structured(
             request.objective.module,
@@ -1140,6 +1158,8 @@ class StructuredEngine:
         return ()
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
+        if self._of_parameters(request):
+            return self.diagonals.work(request, chunks)
         obj = request.objective
         features = tuple(obj.xs[0].shape[1:])
 
