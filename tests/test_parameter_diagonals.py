@@ -300,3 +300,18 @@ def test_the_module_is_left_as_it_was() -> None:
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_ignored_target_has_zero_curvature() -> None:
+    """cross_entropy's ``ignore_index=-100``: that sample's loss is 0, and so are its
+    diagonals (the closed form of cross-entropy agrees with autograd)."""
+    model, X, y = model_and_data("mlp-tanh-sigmoid")
+    y[1] = -100
+    for public in (torchcurv.per_sample_hessian_diag, torchcurv.per_sample_ggn_diag):
+        got = public(model, X, loss=F.cross_entropy, targets=y, wrt="params")
+        generic = public(
+            model, X, loss=F.cross_entropy, targets=y, wrt="params", mode="rev-over-rev"
+        )
+        assert_trees_close(got, generic)
+        assert all(float(v[1].abs().max()) == 0.0 for v in got.values())
+        assert all(float(v[0].abs().max()) > 0.0 for v in got.values())

@@ -403,6 +403,28 @@ def _contract(v: Tensor, h: Tensor, weights: Tensor | None) -> Tensor:
     return total
 
 
+def _loss_curvature(
+    obj: Objective, objective: Any, out: Tensor, target: Any
+) -> tuple[Tensor, Tensor]:
+    """The Hessian ``[C, C]`` and gradient ``[C]`` of the objective in the module's
+    output: by autograd, or the closed form of cross-entropy with class indices
+    (``diag(p) - p p^T`` and ``p - e_t``: the same values, without a double backward)."""
+    c = out.numel()
+    if (
+        obj.loss is F.cross_entropy
+        and out.dim() == 2
+        and isinstance(target, Tensor)
+        and target.dim() == 0
+        and not target.is_floating_point()
+    ):
+        p = torch.softmax(out[0], dim=0)
+        e = (torch.arange(c, device=p.device) == target).to(p.dtype)
+        kept = (target != -100).to(p.dtype)  # cross_entropy's default ignore_index
+        return (torch.diag(p) - torch.outer(p, p)) * kept, (p - e) * kept
+    h = torch.func.jacrev(torch.func.grad(objective))(out).reshape(c, c)
+    return h, torch.func.grad(objective)(out).reshape(c)
+
+
 def _sample_diagonal(
     obj: Objective,
     plan: _Plan,
@@ -446,12 +468,11 @@ def _sample_diagonal(
         return obj.sample_loss(o, target) if not hessian else obj._objective(o, target)
 
     c = out.numel()
-    h = torch.func.jacrev(torch.func.grad(objective))(out).reshape(c, c)
+    h, g = _loss_curvature(obj, objective, out, target)
     rows_out, rows_u = cotangents
     grads_taps, grads_direct = torch.vmap(pull)((rows_out, rows_u))
     weights = None
     if hessian and plan.curved:
-        g = torch.func.grad(objective)(out).reshape(c)
         parts = []
         for name in plan.curved:
             gbar = torch.tensordot(g, grads_taps[name][:c], dims=1)  # dL/d(activation)
