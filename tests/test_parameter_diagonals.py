@@ -315,3 +315,31 @@ def test_an_ignored_target_has_zero_curvature() -> None:
         assert_trees_close(got, generic)
         assert all(float(v[1].abs().max()) == 0.0 for v in got.values())
         assert all(float(v[0].abs().max()) > 0.0 for v in got.values())
+
+
+class Reused(nn.Module):
+    """One Linear called twice: its per-row gradient is the sum over both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))  # type: ignore[no-any-return]
+
+
+def test_a_reused_layer_in_the_gauss_newton_diagonal() -> None:
+    torch.manual_seed(0)
+    model = Reused().to(D)
+    X, y = torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))
+    options: dict[str, Any] = dict(loss=F.cross_entropy, targets=y)
+    assert torchcurv.explain(torchcurv.per_sample_ggn_diag, model, X, **options).engine == (
+        "structured"
+    )
+    got = torchcurv.per_sample_ggn_diag(model, X, **options)
+    assert_trees_close(got, reference(model, X, y, F.cross_entropy, ggn=True))
+    # The Hessian of a reused layer is not backpropagation's: the generic engine.
+    decision = torchcurv.explain(
+        torchcurv.per_sample_hessian_diag, model, X, wrt="params", **options
+    )
+    assert "called 2 times" in decision.why_engine

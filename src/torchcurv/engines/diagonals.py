@@ -479,26 +479,30 @@ def _sample_diagonal(
             parts.append((_second_derivative(functions[name], activations[name]) * gbar).flatten())
         weights = torch.cat(parts)
     result: dict[str, Tensor] = {}
-
-    def add(name: str, value: Tensor) -> None:
-        result[name] = value if name not in result else result[name] + value
-
-    for node, (_, weight, bias) in plan.linears.items():
-        v = grads_taps[node]
-        a = inputs_of[node]
-        v = v.reshape(v.shape[0], -1, v.shape[-1])  # [rows, tokens, out]
-        a = a.reshape(-1, a.shape[-1])  # [tokens, in]
+    # A layer called more than once (a reused Linear) has one gradient per row, the sum
+    # over its calls: its calls' tokens are concatenated before the contraction.
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for node, (path, _, _) in plan.linears.items():
+        v, a = grads_taps[node], inputs_of[node]
+        calls.setdefault(path, []).append(
+            (v.reshape(v.shape[0], -1, v.shape[-1]), a.reshape(-1, a.shape[-1]))
+        )  # [rows, tokens, out], [tokens, in]
+    names = {path: (weight, bias) for path, weight, bias in plan.linears.values()}
+    for path, pieces in calls.items():
+        weight, bias = names[path]
+        v = torch.cat([piece[0] for piece in pieces], dim=1)
+        a = torch.cat([piece[1] for piece in pieces], dim=0)
         if a.shape[0] == 1:  # one vector per sample: the outer product of two diagonals
             dz = _contract(v[:, 0], h, weights)
             if weight:
-                add(weight, torch.outer(dz, a[0] * a[0]))
+                result[weight] = torch.outer(dz, a[0] * a[0])
             if bias:
-                add(bias, dz)
+                result[bias] = dz
             continue
         if weight:
-            add(weight, _contract(torch.einsum("rto,ti->roi", v, a), h, weights))
+            result[weight] = _contract(torch.einsum("rto,ti->roi", v, a), h, weights)
         if bias:
-            add(bias, _contract(v.sum(1), h, weights))
+            result[bias] = _contract(v.sum(1), h, weights)
     for name in plan.direct:
         result[name] = _contract(grads_direct[name], h, None)
     return {
