@@ -480,8 +480,9 @@ def check_estimator(
         argument_error(
             function,
             "num_samples",
-            f"must be an int >= {least} (Hessian-vector products per sample) with "
-            f"method={method!r}",
+            f"must be an int >= {least} ("
+            + ("sampled loss rows" if method == "mc" else "Hessian-vector products")
+            + f" per sample) with method={method!r}",
             num_samples,
             "Pass e.g. num_samples=30 (the error falls as 1/sqrt(num_samples)"
             + (", faster with hutch++)." if method == "hutchinson" else ")."),

@@ -49,6 +49,7 @@ from ._errors import (
 from ._functional import functional as functional
 from ._functional import has_backward_hooks
 from ._layout import to_matrix
+from ._losses import mc_sampling
 from ._memory import (
     DEFAULT_WORKING_SET,
     SAFETY_MARGIN,
@@ -480,6 +481,8 @@ def _prepare(
         request = _eigen_request(request, k, num_samples)
     if quantity in GGN_QUANTITIES:
         request = dataclasses.replace(request, model_numel=_ggn_split(function, obj, first))
+        if method == "mc":
+            mc_sampling(function, obj.loss)  # a loss it cannot sample: refused now
     if method == "hutch++" and request.out_numel != 1:
         argument_error(
             function,
@@ -524,6 +527,8 @@ def _prepare_anew(function: str, module: nn.Module, inputs: Any, options: dict[s
 
 _METHODS = {
     "diagonal": ("exact", "hutchinson"),
+    "ggn": ("exact", "mc"),
+    "ggn_diagonal": ("exact", "mc"),
     "trace": ("exact", "hutchinson", "hutch++"),
     "eigvalsh": ("lanczos",),
 }
@@ -1305,6 +1310,9 @@ def per_sample_ggn(
     memory_budget: int | float | str | None = None,
     randomness: Literal["error", "different", "same"] = "error",
     create_graph: bool = False,
+    method: Literal["exact", "mc"] = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Any:
     """The generalized Gauss-Newton matrix of each sample's loss.
 
@@ -1342,6 +1350,17 @@ def per_sample_ggn(
         memory_budget: Bytes or a size such as ``"2GiB"``.
         randomness: ``"error"``, ``"different"`` or ``"same"``.
         create_graph: True keeps the results differentiable.
+        method: ``"exact"``, or ``"mc"``: the Monte-Carlo estimate
+            ``(1 / S) sum_s (J^T g_s)(J^T g_s)^T`` from `num_samples` rows ``g_s`` of the
+            model's predictive distribution (cross-entropy: ``p - e_y`` with a label
+            ``y ~ softmax(z)`` per position; MSE: Gaussian ``g`` scaled to the loss
+            Hessian), unbiased, positive semi-definite, of rank at most ``S``, and
+            ``S`` vector-Jacobian products instead of ``C``; ``F.cross_entropy``,
+            ``nn.CrossEntropyLoss`` (without class weights), ``F.mse_loss`` and
+            ``nn.MSELoss`` only.
+        num_samples: The sampled rows per sample, with ``method="mc"``.
+        generator: A CPU `torch.Generator` for the samples (None: the global one);
+            each sample's draws come from its own seed, whatever the chunking.
 
     Returns:
         The per-sample Gauss-Newton matrices, batch dim first.
@@ -1369,6 +1388,7 @@ def per_sample_ggn(
         "per_sample_ggn", "ggn", module, inputs, loss=loss, targets=targets, wrt=wrt,
         params=params, kwargs=kwargs, argnums=argnums, mode=mode, chunk_size=chunk_size,
         memory_budget=memory_budget, randomness=randomness, create_graph=create_graph,
+        method=method, num_samples=num_samples, generator=generator,
     )  # fmt: skip
 
 
@@ -1387,6 +1407,9 @@ def per_sample_ggn_diag(
     memory_budget: int | float | str | None = None,
     randomness: Literal["error", "different", "same"] = "error",
     create_graph: bool = False,
+    method: Literal["exact", "mc"] = "exact",
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Any:
     """The diagonal of each sample's generalized Gauss-Newton matrix, without forming it.
 
@@ -1411,6 +1434,10 @@ def per_sample_ggn_diag(
         memory_budget: Bytes or a size such as ``"2GiB"``.
         randomness: ``"error"``, ``"different"`` or ``"same"``.
         create_graph: True keeps the results differentiable.
+        method: ``"exact"``, or ``"mc"``: the diagonal of `per_sample_ggn`'s
+            Monte-Carlo estimate (the same losses), from `num_samples` sampled rows.
+        num_samples: The sampled rows per sample, with ``method="mc"``.
+        generator: A CPU `torch.Generator` for the samples (None: the global one).
 
     Returns:
         The per-sample Gauss-Newton diagonals, batch dim first.
@@ -1440,7 +1467,7 @@ def per_sample_ggn_diag(
         "per_sample_ggn_diag", "ggn_diagonal", module, inputs, loss=loss, targets=targets,
         wrt=wrt, params=params, kwargs=kwargs, argnums=argnums, mode=mode,
         chunk_size=chunk_size, memory_budget=memory_budget, randomness=randomness,
-        create_graph=create_graph,
+        create_graph=create_graph, method=method, num_samples=num_samples, generator=generator,
     )  # fmt: skip
 
 

@@ -534,26 +534,46 @@ def sample_seeds(size: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.tensor(seeds, dtype=torch.int64)
 
 
-def rademacher(
+def draws(
     seeds: torch.Tensor,
     shape: tuple[int, ...],
     dtype: torch.dtype,
     device: torch.device,
-    gaussian: bool = False,
+    law: str = "rademacher",
 ) -> torch.Tensor:
-    """``[len(seeds), *shape]`` Rademacher signs (+-1), each sample's from its seed
-    (standard normal numbers with ``gaussian=True``: never parallel, as sign vectors of
-    a small dimension often are)."""
+    """``[len(seeds), *shape]`` random numbers, each sample's from its seed: Rademacher
+    signs (+-1), standard normal numbers (``law="gaussian"``: never parallel, as sign
+    vectors of a small dimension often are) or standard Gumbel numbers
+    (``law="gumbel"``: ``argmax(log p + g)`` draws a class with probability ``p``)."""
     rows = []
     for seed in seeds.tolist():
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        if gaussian:
+        if law == "gaussian":
             rows.append(torch.randn(shape, generator=generator, dtype=torch.float64))
+        elif law == "gumbel":
+            uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+            tiny = torch.finfo(torch.float64).tiny
+            rows.append(-torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-16))))
         else:
             signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
             rows.append((signs * 2 - 1).to(torch.float64))
     drawn = torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=torch.float64)
     return drawn.to(dtype=dtype, device=device)
+
+
+def with_draws(work: Work, draw: Callable[[torch.Tensor], torch.Tensor]) -> Work:
+    """`work` whose last argument, the samples' seeds, is replaced by `draw(seeds)`
+    (``[b, ...]``, one row per sample) before it runs: random numbers are drawn outside
+    vmap, sample ``i``'s from its own seed, so the chunking never changes them."""
+
+    def batched(*args: Any) -> Any:
+        return work.batched(*args[:-1], draw(args[-1]))
+
+    def single(*args: Any) -> Any:
+        assert work.single is not None
+        return work.single(*args[:-1], draw(args[-1].reshape(1))[0])
+
+    return Work(batched, single)
 
 
 def with_nones(func: Callable[..., Any], absent: tuple[int, ...], count: int) -> Any:

@@ -50,8 +50,9 @@ from torch import Tensor, nn
 
 from .._compat import global_module_hooks
 from .._decompositions import corrected_ops
+from .._losses import Sampling, curvature, mc_sampling, sampled_rows
 from .._objective import Objective
-from .._runner import Work, vmapped, with_nones
+from .._runner import Work, draws, vmapped, with_draws, with_nones
 from . import Request
 
 __all__ = ["ParameterDiagonals"]
@@ -318,7 +319,7 @@ class ParameterDiagonals:
         """Why this engine cannot compute `request`, or None if it can."""
         if request.quantity not in QUANTITIES:
             return "it computes the diagonals of parameter curvature only"
-        if request.method != "exact":
+        if request.method not in ("exact", "mc"):
             return f"it computes exact diagonals, not a {request.method} estimate"
         if request.objective.wrt != "params":
             wrt = request.objective.wrt
@@ -358,16 +359,25 @@ class ParameterDiagonals:
         fixed = {n: p.detach() for n, p in obj.module.named_parameters()}
         like = next(iter(obj.params.values()))
         cotangents = _row_basis(plan, like.dtype, like.device, hessian)
+        mc = request.method == "mc"
+        sampling = mc_sampling(request.function, obj.loss) if mc else None
 
         def diagonal(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
-            del buffers, vectors
+            del buffers
             params, inputs = obj._split(diff, xs)
             return _sample_diagonal(
-                obj, plan, {**fixed, **params}, params, inputs, target, cotangents, hessian
-            )
+                obj, plan, {**fixed, **params}, params, inputs, target, cotangents, hessian,
+                sampling, vectors,
+            )  # fmt: skip
 
         func = with_nones(diagonal, absent, len(obj.in_dims()))
-        return vmapped(func, obj.in_dims(), 0, request.randomness, absent)
+        work = vmapped(func, obj.in_dims(), 0, request.randomness, absent)
+        if sampling is None:
+            return work
+        shape = (request.num_samples or 0, request.model_numel)
+        return with_draws(
+            work, lambda seeds: draws(seeds, shape, like.dtype, like.device, sampling.law)
+        )
 
 
 def _row_basis(
@@ -403,28 +413,6 @@ def _contract(v: Tensor, h: Tensor, weights: Tensor | None) -> Tensor:
     return total
 
 
-def _loss_curvature(
-    obj: Objective, objective: Any, out: Tensor, target: Any
-) -> tuple[Tensor, Tensor]:
-    """The Hessian ``[C, C]`` and gradient ``[C]`` of the objective in the module's
-    output: by autograd, or the closed form of cross-entropy with class indices
-    (``diag(p) - p p^T`` and ``p - e_t``: the same values, without a double backward)."""
-    c = out.numel()
-    if (
-        obj.loss is F.cross_entropy
-        and out.dim() == 2
-        and isinstance(target, Tensor)
-        and target.dim() == 0
-        and not target.is_floating_point()
-    ):
-        p = torch.softmax(out[0], dim=0)
-        e = (torch.arange(c, device=p.device) == target).to(p.dtype)
-        kept = (target != -100).to(p.dtype)  # cross_entropy's default ignore_index
-        return (torch.diag(p) - torch.outer(p, p)) * kept, (p - e) * kept
-    h = torch.func.jacrev(torch.func.grad(objective))(out).reshape(c, c)
-    return h, torch.func.grad(objective)(out).reshape(c)
-
-
 def _sample_diagonal(
     obj: Objective,
     plan: _Plan,
@@ -434,9 +422,13 @@ def _sample_diagonal(
     target: Any,
     cotangents: tuple[Tensor, dict[str, Tensor]],
     hessian: bool,
+    sampling: Sampling | None = None,
+    noise: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The diagonal of one sample (inside vmap): one forward with taps, one batched
-    backward of every row, contracted layer by layer."""
+    backward of every row, contracted layer by layer (with `sampling`, the rows are
+    the loss's sampled ones drawn from `noise`: the Monte-Carlo Gauss-Newton
+    diagonal)."""
     like = cotangents[0]
     taps = {
         name: torch.zeros(plan.shapes[name], dtype=like.dtype, device=like.device)
@@ -468,8 +460,12 @@ def _sample_diagonal(
         return obj.sample_loss(o, target) if not hessian else obj._objective(o, target)
 
     c = out.numel()
-    h, g = _loss_curvature(obj, objective, out, target)
-    rows_out, rows_u = cotangents
+    if sampling is not None and noise is not None:  # method="mc": H = I / S
+        rows_out, rows_u = sampled_rows(sampling, out, target, noise), cotangents[1]
+        h = torch.eye(len(rows_out), dtype=out.dtype, device=out.device) / len(rows_out)
+    else:
+        h, g = curvature(obj, objective, out, target)
+        rows_out, rows_u = cotangents
     grads_taps, grads_direct = torch.vmap(pull)((rows_out, rows_u))
     weights = None
     if hessian and plan.curved:

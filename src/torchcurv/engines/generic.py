@@ -21,7 +21,8 @@ from torch import nn
 
 from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import unrouted
-from .._runner import Batch, Work, cuda_devices, rademacher, vmapped, with_nones
+from .._losses import mc_sampling, sampled_rows
+from .._runner import Batch, Work, cuda_devices, draws, vmapped, with_draws, with_nones
 from .._transforms import (
     HESSIAN_STAGES,
     hessian,
@@ -147,8 +148,11 @@ class GenericEngine:
         m, n = request.out_numel, request.in_numel
         if request.quantity == "hvp":
             return ()  # one product per sample: no basis
-        if request.quantity in GGN_QUANTITIES:
-            return (request.model_numel,)  # the vector-Jacobian products, one per output
+        if request.quantity in GGN_QUANTITIES:  # the vector-Jacobian products: one per
+            # output entry, or per sampled row (method="mc")
+            return (
+                (request.num_samples or 0,) if request.method == "mc" else (request.model_numel,)
+            )
         if self.order == 1:
             return (n if self.mode == "fwd" else m,)
         inner, outer = hessian_basis_sizes(self.mode, m, n)
@@ -232,18 +236,21 @@ def _ggn_work(
     ``create_graph`` like every engine's result."""
     obj = request.objective
     diagonal = request.quantity == "ggn_diagonal"
+    sampling = mc_sampling(request.function, obj.loss) if request.method == "mc" else None
 
     def ggn(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
-        del vectors
         out, pull = torch.func.vjp(lambda d: obj.sample_output(d, xs, buffers), diff)[:2]
-        curvature = hessian(
-            lambda o: obj.sample_loss(o, target),
-            mode=mode,  # type: ignore[arg-type]
-            randomness=randomness,  # type: ignore[arg-type]
-        )(out)
-        n = out.numel()
-        h = curvature.reshape(n, n)
-        basis = torch.eye(n, dtype=out.dtype, device=out.device).reshape(n, *out.shape)
+        if sampling is not None:  # method="mc": the loss's sampled rows, H = I / S
+            basis = sampled_rows(sampling, out, target, vectors)
+            h = torch.eye(len(basis), dtype=out.dtype, device=out.device) / len(basis)
+        else:
+            n = out.numel()
+            h = hessian(
+                lambda o: obj.sample_loss(o, target),
+                mode=mode,  # type: ignore[arg-type]
+                randomness=randomness,  # type: ignore[arg-type]
+            )(out).reshape(n, n)
+            basis = torch.eye(n, dtype=out.dtype, device=out.device).reshape(n, *out.shape)
         rows = torch.vmap(lambda v: pull(v)[0], chunk_size=chunks[0], randomness=randomness)(basis)
         flat, spec = tree_flatten(rows)  # leaves [n, *leaf]: the rows of J^T
         weighted = [torch.tensordot(h, j, dims=1) for j in flat]  # H J
@@ -258,7 +265,14 @@ def _ggn_work(
         )  # fmt: skip
 
     func = with_nones(ggn, absent, count)
-    return vmapped(_planned(func, obj.routed), obj.in_dims(), 0, request.randomness, absent)
+    work = vmapped(_planned(func, obj.routed), obj.in_dims(), 0, request.randomness, absent)
+    if sampling is None:
+        return work
+    like = tree_flatten(obj.diff(obj.xs))[0][0]
+    shape = (request.num_samples or 0, request.model_numel)
+    return with_draws(
+        work, lambda seeds: draws(seeds, shape, like.dtype, like.device, sampling.law)
+    )
 
 
 def _estimator_work(
@@ -302,14 +316,7 @@ def _estimator_work(
     def probes(seeds: torch.Tensor) -> torch.Tensor:
         # Lanczos starts (and restarts) from Gaussian vectors: a restart must leave the
         # span of the basis so far, which a repeated sign vector does not.
-        gaussian = request.method == "lanczos"
-        return rademacher(seeds, (rows, request.in_numel), like.dtype, like.device, gaussian)
+        law = "gaussian" if request.method == "lanczos" else "rademacher"
+        return draws(seeds, (rows, request.in_numel), like.dtype, like.device, law)
 
-    def batched(*args: Any) -> Any:
-        return work.batched(*args[:-1], probes(args[-1]))
-
-    def single(*args: Any) -> Any:
-        assert work.single is not None
-        return work.single(*args[:-1], probes(args[-1].reshape(1))[0])
-
-    return Work(batched, single)
+    return with_draws(work, probes)
