@@ -70,6 +70,35 @@ class Square(nn.Module):
         return self.b(h * h)  # type: ignore[no-any-return]
 
 
+def _cnn() -> nn.Module:
+    """Convolutions with padding, stride, dilation, groups and circular padding; max
+    pooling."""
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(2, stride=1),
+        nn.Conv2d(2, 4, (3, 2), stride=2, dilation=(1, 2), groups=2, padding=1,
+                  padding_mode="circular"),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+class Conv1dResidual(nn.Module):
+    """``x + conv(tanh(conv(x)))`` with ``padding="same"``, dilated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Conv1d(2, 2, 3, padding="same")
+        self.outer = nn.Conv1d(2, 2, 3, padding="same", dilation=2, bias=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.outer(torch.tanh(self.inner(x)))
+        return self.head(h.flatten(1))  # type: ignore[no-any-return]
+
+
 def _mlp(*acts: nn.Module) -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(4, 5)]
     for act in acts:
@@ -85,13 +114,16 @@ MODELS = {
     "mlp-relu": lambda: _mlp(nn.ReLU(), nn.LeakyReLU(0.1)),
     "residual": Residual,
     "tokens": Tokens,
+    "cnn": _cnn,
+    "conv1d-residual": Conv1dResidual,
 }
+SHAPES = {"tokens": (2, 4), "cnn": (1, 5, 5), "conv1d-residual": (2, 6)}
 
 
 def model_and_data(name: str, batch: int = 3) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = MODELS[name]().to(D).eval()
-    shape = (batch, 2, 4) if name == "tokens" else (batch, 4)
+    shape = (batch, *SHAPES.get(name, (4,)))
     return model, torch.randn(*shape, dtype=D), torch.randint(0, 3, (batch,))
 
 
@@ -181,11 +213,14 @@ def test_an_output_without_a_loss_and_a_parameter_subset() -> None:
 
 
 def test_parameters_of_other_layers_in_the_gauss_newton_diagonal() -> None:
-    """Conv and transformer parameters take their per-row gradients directly."""
+    """Transformer and transposed-convolution parameters take their per-row gradients
+    directly."""
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, 3)).to(D)
+    transposed = nn.Sequential(
+        nn.ConvTranspose2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).to(D)
     cases = [
-        (cnn, torch.randn(3, 1, 5, 5, dtype=D)),
+        (transposed, torch.randn(3, 1, 3, 3, dtype=D)),
         (Encoder().to(D).eval(), torch.randn(3, 2, 4, dtype=D)),
     ]
     y = torch.randint(0, 3, (3,))
@@ -201,7 +236,7 @@ def test_parameters_of_other_layers_in_the_gauss_newton_diagonal() -> None:
             torchcurv.per_sample_hessian_diag, model, X, wrt="params", **options
         )
         assert decision.engine != "structured"
-        assert "not those of a Linear layer" in decision.why_engine or "through more" in (
+        assert "not those of a Linear or convolution" in decision.why_engine or "through more" in (
             decision.why_engine
         )
 

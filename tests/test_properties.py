@@ -478,11 +478,18 @@ def test_ggn_equals_jt_h_j_and_its_diagonal(model: nn.Module, data: Any) -> None
     assert_trees_close(flat, expected.diagonal(dim1=1, dim2=2))
 
 
-@given(tcs.mlps(max_width=5, batch_norm=st.booleans(), tied=st.booleans()), st.data())
+@given(
+    st.one_of(
+        tcs.mlps(max_width=5, batch_norm=st.booleans(), tied=st.booleans()),
+        tcs.conv_nets(max_size=6, max_filters=2),
+    ),
+    st.data(),
+)
 @at_most(100)
 def test_parameter_diagonals_equal_the_whole_matrices(model: nn.Module, data: Any) -> None:
     """The structured parameter diagonals (where `"auto"` takes them) against the
-    diagonals of the whole per-sample Hessian and Gauss-Newton matrices (rev-over-rev)."""
+    diagonals of the whole per-sample Hessian and Gauss-Newton matrices (rev-over-rev),
+    on MLPs and CNNs."""
     from test_ggn import reference_ggn
 
     model = model.double()

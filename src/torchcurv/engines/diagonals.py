@@ -11,8 +11,10 @@ backward) and ``M`` the rows' weights,
     \operatorname{diag}(G)_W = \Big(\sum_{cd} M_{cd}\, V_c \odot V_d\Big) \otimes a^{\odot 2}
 
 when the layer sees one vector per sample (a sequence's tokens, ``[T, in]``, make the
-per-row gradient ``sum_t V_{c,t} \otimes a_t`` first). No ``[C, P]`` per-sample Jacobian
-is formed: a row costs one backward through the activations, not one per parameter.
+per-row gradient ``sum_t V_{c,t} \otimes a_t`` first; a ``Conv1d`` / ``Conv2d`` is the
+same with one token per output position and ``a_t`` the input patch it sees, per group).
+No ``[C, P]`` per-sample Jacobian is formed: a row costs one backward through the
+activations, not one per parameter.
 
 - **Gauss-Newton** (``J^T H J`` of the module output and the loss): the rows are the
   output's basis vectors, ``M`` the loss Hessian of that output by autograd (any loss;
@@ -23,9 +25,10 @@ is formed: a row costs one backward through the activations, not one per paramet
   ``y = s(u)`` downstream of a parameter, the basis of ``u`` weighted by
   ``s''(u) * dL/dy`` (the residual terms of Hessian backpropagation, as BackPACK's
   ``DiagHessian`` has them). That is the whole second derivative only where every op
-  that depends on the parameters is linear in them or an elementwise activation: the
-  graph is checked, and anything else (a product of two such tensors, a norm, attention)
-  is an obstacle; ``"auto"`` then takes the generic engine.
+  that depends on the parameters is linear in them, an elementwise activation or max
+  pooling: the graph is checked, and anything else (a product of two such tensors, a
+  norm, attention, the parameters of a layer other than ``Linear``, ``Conv1d`` and
+  ``Conv2d``) is an obstacle; ``"auto"`` then takes the generic engine.
 
 The graph comes from ``torch.fx.symbolic_trace`` (standard ``torch.nn`` layers are its
 leaves), run node by node by an interpreter that taps the outputs of the layers it
@@ -59,6 +62,9 @@ __all__ = ["ParameterDiagonals"]
 
 QUANTITIES = ("diagonal", "ggn_diagonal")
 
+# The layers whose outputs are tapped: their weight's diagonal is the contraction of the
+# rows' output derivatives with the (patches of the) inputs, token by token.
+_TAPPED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Modules, functions and methods linear in their (one) parameter-dependent argument.
 _LINEAR_MODULES = (
     nn.Linear,
@@ -113,10 +119,13 @@ _CURVED_FUNCTIONS = {
 }  # fmt: skip
 _CURVED_METHODS = {"tanh", "sigmoid", "sin", "cos", "exp", "erf"}
 _CURVED_MODULES = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.Mish)
-# ... and piecewise-linear ones (none).
+# ... and piecewise-linear ones (none; max pooling picks an entry: linear a.e.).
 _KINKED_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.relu6, F.hardtanh}
 _KINKED_METHODS = {"relu"}
-_KINKED_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+_KINKED_MODULES = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
 
 
 @dataclass
@@ -126,7 +135,7 @@ class _Plan:
 
     graph: fx.GraphModule
     #: node name -> (module path, weight name or None, bias name or None)
-    linears: dict[str, tuple[str, str | None, str | None]] = field(default_factory=dict)
+    layers: dict[str, tuple[str, str | None, str | None]] = field(default_factory=dict)
     #: node names of the curved activations (Hessian only)
     curved: list[str] = field(default_factory=list)
     #: requested parameters not in a tapped layer (their gradients are taken directly)
@@ -167,15 +176,16 @@ class _Run(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         plan = self.plan
-        if n.name in plan.linears:
+        if n.name in plan.layers:
             args, _ = self.fetch_args_kwargs_from_env(n)
-            _, weight, bias = plan.linears[n.name]
-            layer: Any = self.module.get_submodule(str(n.target))
+            path = plan.layers[n.name][0]
+            layer: Any = self.module.get_submodule(path)
             a = args[0]
             self.inputs[n.name] = a
-            w = self.state[weight] if weight else layer.weight.detach()
-            b = self.state[bias] if bias else None if layer.bias is None else layer.bias.detach()
-            out = F.linear(a, w, b)
+            w, b = self.state[f"{path}.weight"], self.state.get(f"{path}.bias")
+            out = (
+                F.linear(a, w, b) if isinstance(layer, nn.Linear) else layer._conv_forward(a, w, b)
+            )
         elif n.op == "call_module" and str(n.target) in plan.owners:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             local = {k: self.state[full] for k, full in plan.owners[str(n.target)].items()}
@@ -188,7 +198,7 @@ class _Run(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             self.activations[n.name] = args[0]
             self.functions[n.name] = _elementwise(self, n, args, kwargs)
-        if self.seen is not None and (n.name in plan.linears or n.name in plan.curved):
+        if self.seen is not None and (n.name in plan.layers or n.name in plan.curved):
             self.seen[n.name] = out
         tap = self.taps.get(n.name)
         if tap is not None:
@@ -413,6 +423,26 @@ def _contract(v: Tensor, h: Tensor, weights: Tensor | None) -> Tensor:
     return total
 
 
+def _tokens(layer: Any, v: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """A tapped layer's rows of output derivatives ``[rows, tokens, groups, out]`` and
+    its inputs ``[tokens, groups, in]``, one token per vector the weight multiplies (a
+    Linear's leading dims; a convolution's output positions, with the input patches
+    each sees, padded as the layer pads), so that each row's weight gradient is
+    ``sum_t v_t (x) a_t`` per group."""
+    rows = v.shape[0]
+    if isinstance(layer, nn.Linear):
+        return v.reshape(rows, -1, 1, v.shape[-1]), a.reshape(-1, 1, a.shape[-1])
+    groups, channels = layer.groups, layer.out_channels
+    v = v.reshape(rows, channels, -1).transpose(1, 2).reshape(rows, -1, groups, channels // groups)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(a, layer._reversed_padding_repeated_twice, mode=mode)
+    kernel, dilation, stride = layer.kernel_size, layer.dilation, layer.stride
+    if isinstance(layer, nn.Conv1d):  # as a convolution of height one
+        x, kernel, dilation, stride = x.unsqueeze(-2), (1, *kernel), (1, *dilation), (1, *stride)
+    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)[0]  # [in x kernel, tokens]
+    return v, patches.T.reshape(patches.shape[1], groups, -1)
+
+
 def _sample_diagonal(
     obj: Objective,
     plan: _Plan,
@@ -432,7 +462,7 @@ def _sample_diagonal(
     like = cotangents[0]
     taps = {
         name: torch.zeros(plan.shapes[name], dtype=like.dtype, device=like.device)
-        for name in (*plan.linears, *(plan.curved if hessian else ()))
+        for name in (*plan.layers, *(plan.curved if hessian else ()))
     }
     direct = {name: state[name] for name in plan.direct}
     args = tuple(x.unsqueeze(0) for x in inputs)
@@ -478,27 +508,26 @@ def _sample_diagonal(
     # A layer called more than once (a reused Linear) has one gradient per row, the sum
     # over its calls: its calls' tokens are concatenated before the contraction.
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    for node, (path, _, _) in plan.linears.items():
-        v, a = grads_taps[node], inputs_of[node]
-        calls.setdefault(path, []).append(
-            (v.reshape(v.shape[0], -1, v.shape[-1]), a.reshape(-1, a.shape[-1]))
-        )  # [rows, tokens, out], [tokens, in]
-    names = {path: (weight, bias) for path, weight, bias in plan.linears.values()}
+    for node, (path, _, _) in plan.layers.items():
+        layer = obj.module.get_submodule(path)
+        calls.setdefault(path, []).append(_tokens(layer, grads_taps[node], inputs_of[node]))
+    names = {path: (weight, bias) for path, weight, bias in plan.layers.values()}
     for path, pieces in calls.items():
         weight, bias = names[path]
-        v = torch.cat([piece[0] for piece in pieces], dim=1)
-        a = torch.cat([piece[1] for piece in pieces], dim=0)
-        if a.shape[0] == 1:  # one vector per sample: the outer product of two diagonals
-            dz = _contract(v[:, 0], h, weights)
+        v = torch.cat([piece[0] for piece in pieces], dim=1)  # [rows, tokens, groups, out]
+        a = torch.cat([piece[1] for piece in pieces], dim=0)  # [tokens, groups, in]
+        if a.shape[:2] == (1, 1):  # one vector per sample: the outer product of diagonals
+            dz = _contract(v[:, 0, 0], h, weights)
             if weight:
-                result[weight] = torch.outer(dz, a[0] * a[0])
+                result[weight] = torch.outer(dz, a[0, 0] * a[0, 0]).reshape(params[weight].shape)
             if bias:
                 result[bias] = dz
             continue
         if weight:
-            result[weight] = _contract(torch.einsum("rto,ti->roi", v, a), h, weights)
+            per_row = torch.einsum("rtgo,tgi->rgoi", v, a)  # each row's weight gradient
+            result[weight] = _contract(per_row, h, weights).reshape(params[weight].shape)
         if bias:
-            result[bias] = _contract(v.sum(1), h, weights)
+            result[bias] = _contract(v.sum(1), h, weights).reshape(params[bias].shape)
     for name in plan.direct:
         result[name] = _contract(grads_direct[name], h, None)
     return {
@@ -542,12 +571,12 @@ def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
             path = str(n.target)
             layer = module.get_submodule(path)
             mine = {r for r in requested if r.startswith(path + ".")}
-            if mine and _plain_module(layer, (nn.Linear,)) and not (mine & read_directly):
+            if mine and _plain_module(layer, _TAPPED) and not (mine & read_directly):
                 if hessian and calls[path] > 1:
                     return f"the layer {path!r} is called {calls[path]} times"
                 weight = f"{path}.weight" if f"{path}.weight" in requested else None
                 bias = f"{path}.bias" if f"{path}.bias" in requested else None
-                plan.linears[n.name] = (path, weight, bias)
+                plan.layers[n.name] = (path, weight, bias)
                 live.add(n.name)
                 if hessian and positions and positions != [0]:
                     return f"the layer {path!r} takes parameter-dependent keyword arguments"
@@ -556,7 +585,7 @@ def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
                 if hessian:
                     return (
                         f"the parameters of {path!r} ({type(layer).__name__}) enter the "
-                        "Hessian through more than a Linear layer"
+                        "Hessian through more than a Linear or convolution layer"
                     )
                 plan.direct.extend(sorted(mine - set(plan.direct)))
                 live.add(n.name)
@@ -581,17 +610,17 @@ def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
                 f"the parameters reach the objective through {kind}, which is neither "
                 "linear in them nor an elementwise activation"
             )
-    tapped = {name for _, *names in plan.linears.values() for name in names if name}
+    tapped = {name for _, *names in plan.layers.values() for name in names if name}
     unused = _unused(requested, plan, read_directly)
     plan.direct.extend(sorted(requested - tapped - set(plan.direct) - unused))
     if hessian and plan.direct:
-        return f"the parameters {plan.direct} are not those of a Linear layer"
+        return f"the parameters {plan.direct} are not those of a Linear or convolution layer"
     return _shaped(obj, plan)
 
 
 def _unused(requested: set[str], plan: _Plan, read_directly: set[str]) -> set[str]:
     """Requested parameters the graph never reads (their diagonal is zero)."""
-    used = {path for path, _, _ in plan.linears.values()} | set(plan.owners)
+    used = {path for path, _, _ in plan.layers.values()} | set(plan.owners)
     return {
         r
         for r in requested
