@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -508,3 +508,50 @@ def test_parameter_diagonals_equal_the_whole_matrices(model: nn.Module, data: An
         d = public(model, X, **options)
         flat = torch.cat([leaf.reshape(B, -1) for leaf in torch.utils._pytree.tree_leaves(d)], 1)
         assert_trees_close(flat, expected.diagonal(dim1=1, dim2=2))
+
+
+# --------------------------------------------------------------------------------------
+# Taylor mode (issue 25): against the Hessian-vector products, where it has rules
+# --------------------------------------------------------------------------------------
+@given(
+    st.one_of(
+        tcs.mlps(max_width=5, batch_norm=st.booleans()),
+        tcs.conv_nets(max_size=6, max_filters=2),
+        tcs.residual_nets(),
+        tcs.normalized_nets(),
+        tcs.transformer_blocks(),
+    ),
+    st.data(),
+)
+@at_most(150)
+def test_taylor_mode_equals_the_hessian_vector_products(model: nn.Module, data: Any) -> None:
+    """Laplacians (with coordinates and weights) and input-Hessian diagonals; a model
+    with an op Taylor mode has no rule for is refused by name."""
+    model = model.double()
+    X = data.draw(tcs.inputs_for(model, max_batch=3), label="X").double()
+    n = X[0].numel()
+    options: dict[str, Any] = {}
+    if data.draw(st.booleans(), label="output 0"):
+        options["output"] = 0
+    if data.draw(st.booleans(), label="coordinates"):
+        coordinates = data.draw(
+            st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True), label="coords"
+        )
+        options["coordinates"] = coordinates
+        options["weights"] = [float(w) for w in torch.randn(len(coordinates))]
+    refused = None
+    try:
+        got = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
+    except torchcurv.UnsupportedModuleError as error:
+        refused = str(error)
+    if refused is not None:
+        assert "has no rule for" in refused or "cannot trace" in refused
+        event("taylor: refused")
+        return
+    event("taylor: computed")
+    expected = torchcurv.per_sample_laplacian(model, X, mode="rev-over-rev", **options)
+    assert_trees_close(got, expected)
+    diagonal = torchcurv.per_sample_hessian_diag(model, X, mode="taylor", output=0)
+    assert_trees_close(
+        diagonal, torchcurv.per_sample_hessian_diag(model, X, mode="rev-over-rev", output=0)
+    )

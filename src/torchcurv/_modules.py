@@ -458,7 +458,9 @@ def _prepare(
     check_mode(
         function,
         mode,
-        JACOBIAN_MODES if order == 1 else (*HESSIAN_MODES, "structured"),
+        JACOBIAN_MODES if order == 1
+        else (*HESSIAN_MODES, "structured", "taylor") if quantity in ("trace", "diagonal")
+        else (*HESSIAN_MODES, "structured"),
     )  # fmt: skip
     # an HVP has no basis to chunk; a Gauss-Newton matrix one: the module output's
     n_axes = 0 if quantity == "hvp" else 1 if quantity in GGN_QUANTITIES else order
@@ -1238,8 +1240,9 @@ def per_sample_hessian_diag(
         method: ``"exact"`` or ``"hutchinson"`` (an unbiased estimate).
         num_samples: Probes (Hessian-vector products) per sample, for the estimate.
         generator: A CPU `torch.Generator` the estimate's seed is drawn from.
-        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"`` (as in
-            `per_sample_hessian`).
+        mode: A `torchcurv.hessian` mode, ``"structured"``, ``"taylor"`` (input
+            diagonals: one forward of jets, see `per_sample_laplacian`) or ``"auto"``
+            (as in `per_sample_hessian`).
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
             outer)``; the outer axis runs over the input's ``n`` basis vectors.
         memory_budget: Bytes or a size such as ``"2GiB"``.
@@ -1668,7 +1671,10 @@ def per_sample_laplacian(
         num_samples: Hessian-vector products per sample, for the estimates (Hutch++
             uses ``num_samples // 3`` for each of its three parts).
         generator: A CPU `torch.Generator` the estimate's seed is drawn from.
-        mode: A `torchcurv.hessian` mode, ``"structured"`` or ``"auto"``.
+        mode: A `torchcurv.hessian` mode, ``"structured"``, ``"taylor"`` (one forward
+            of jets: the value, its derivatives along the coordinates and their
+            collapsed second-order term, for models whose ops it has rules for) or
+            ``"auto"``.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,
             outer)``.
         memory_budget: Bytes or a size such as ``"2GiB"``.

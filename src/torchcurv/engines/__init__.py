@@ -109,12 +109,16 @@ class Engine(Protocol):
 
 
 def engine_named(mode: str, order: int) -> Engine:
-    """The engine of an explicit mode (``"structured"`` or a torch.func mode)."""
+    """The engine of an explicit mode (``"structured"``, ``"taylor"`` or a torch.func
+    mode)."""
     from .generic import GenericEngine
     from .structured import StructuredEngine
+    from .taylor import TaylorEngine
 
     if mode == "structured":
         return StructuredEngine()
+    if mode == "taylor":
+        return TaylorEngine()
     return GenericEngine(mode, order)
 
 
@@ -133,7 +137,7 @@ def choose(request: Request, mode: str) -> tuple[Engine, str]:
         if obstacle is not None:
             advice = (
                 f"Pass mode={fallback!r} (it needs no forward-mode rules) or mode='auto'."
-                if mode != "structured"
+                if mode not in ("structured", "taylor")
                 else "Pass mode='auto' (which takes an engine that applies) or a generic "
                 "mode such as mode='fwd-over-rev'."
             )

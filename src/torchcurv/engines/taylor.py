@@ -1,0 +1,570 @@
+r"""Taylor mode: exact per-sample Laplacians and input-Hessian diagonals in one forward.
+
+Each value of the module's traced graph that depends on the differentiated input ``x``
+is carried as a *jet* ``(y, Y_1, Y_2)``: the value, its first directional derivatives
+along ``R`` directions ``e_r`` (the basis vectors of the selected coordinates, ``[R,
+*y.shape]``) and the second-order part,
+
+- collapsed (a Laplacian): ``Y_2 = sum_r w_r d^2 y / d x_r^2``, ``[1, *y.shape]``;
+- or per direction (a Hessian diagonal): ``Y_2[r] = d^2 y / d x_r^2``, ``[R, *y.shape]``.
+
+Linear ops act on every part (``Linear`` and convolutions drop their bias from the
+derivative parts), sums add them, and the chain rule of an elementwise ``s`` is
+
+.. math::
+
+    Y_1 = s'(u) U_1, \qquad Y_2 = s'(u)\, U_2 + s''(u) \sum_r w_r U_{1,r}^2,
+
+with ``s'`` and ``s''`` derived by forward-mode AD of ``s`` itself (no hand-written
+rule per activation); a product ``u v`` of two jets adds ``2 sum_r w_r U_{1,r} V_{1,r}``.
+So the Laplacian costs one forward with ``R + 1`` tangents instead of ``R``
+Hessian-vector products, and never forms the Hessian ("Collapsing Taylor Mode AD",
+NeurIPS 2025; folx for JAX).
+
+The graph comes from ``torch.fx.symbolic_trace`` and runs node by node (under ``vmap``
+over the batch, a sample as a batch of one, like every engine) with the module's
+parameters as they are, so ``create_graph=True`` differentiates through it. An op
+without a rule (attention, norms, a loss) is an obstacle: ``explain`` names it and the
+other engines compute the quantity.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
+from .._decompositions import corrected_ops
+from .._runner import Batch, Work, vmapped, with_nones
+from . import Request
+from .diagonals import (
+    _CURVED_FUNCTIONS,
+    _CURVED_METHODS,
+    _CURVED_MODULES,
+    _KINKED_FUNCTIONS,
+    _KINKED_METHODS,
+    _KINKED_MODULES,
+    _LINEAR_FUNCTIONS,
+    _LINEAR_METHODS,
+    _LINEAR_MODULES,
+    _SCALING_METHODS,
+    _SCALINGS,
+    _SUM_METHODS,
+    _SUMS,
+    _has_hooks,
+    _plain_module,
+)
+
+__all__ = ["TaylorEngine"]
+
+QUANTITIES = ("trace", "diagonal")
+# Layers affine in their input: the derivative parts go through them without the bias.
+_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PRODUCTS = {operator.mul, torch.mul}
+_SEQUENCES = {torch.cat, torch.stack}
+# Piecewise-linear ops that are not elementwise: linearised at the value.
+_MAX_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+# More elementwise functions (the activations' lists are shared with the diagonals).
+_ELEMENTWISE_FUNCTIONS = {
+    torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.log1p,
+    torch.expm1, torch.atan, torch.sinh, torch.cosh, torch.tan, torch.asinh,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "log", "sqrt", "rsqrt", "reciprocal", "square", "log1p", "expm1", "atan", "sinh", "cosh",
+    "tan", "asinh", "pow", "__pow__",
+}  # fmt: skip
+_POWERS = {operator.pow, torch.pow}
+# Smooth ops of one or more jets without a cheaper rule (vector-valued: softmax, norms,
+# attention; bilinear: matmul of two jets; quotients): first derivatives by a
+# Jacobian-vector product per direction, second-order parts by nested ones.
+_SMOOTH_FUNCTIONS = {
+    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.layer_norm, F.normalize,
+    F.rms_norm, F.group_norm, torch.matmul, operator.matmul, torch.bmm, torch.einsum,
+    operator.truediv, torch.div, torch.true_divide, operator.pow, torch.pow,
+    F.scaled_dot_product_attention, torch.logsumexp,
+}  # fmt: skip
+_SMOOTH_METHODS = {
+    "softmax", "log_softmax", "matmul", "bmm", "div", "pow", "__truediv__", "__rtruediv__",
+    "logsumexp", "norm",
+}  # fmt: skip
+_SMOOTH_MODULES = (
+    nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.MultiheadAttention,
+    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+)  # fmt: skip
+# Ops that read only the shape, dtype or device of a jet: their results are constants.
+_SHAPE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
+_SHAPE_METHODS = {"size", "dim", "numel", "new_zeros", "new_ones", "new_full", "new_empty"}
+# Methods linear in `self` that take another tensor's shape or dtype.
+_AS_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
+
+
+@dataclass
+class Jet:
+    """A value and its derivative parts along the directions (see the module docstring)."""
+
+    value: Tensor
+    first: Tensor
+    second: Tensor
+
+
+def _is_jet(x: Any) -> bool:
+    return isinstance(x, Jet)
+
+
+def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
+    """The rule of node `n`, whose arguments at positions `live` are jets, or None."""
+    one = live == [0]
+    if n.op == "call_module":
+        layer = module.get_submodule(str(n.target))
+        if one and _plain_module(layer, _AFFINE):
+            return "affine"
+        if one and _plain_module(layer, _CURVED_MODULES):
+            return "curved"
+        if one and _plain_module(layer, _MAX_POOLS):
+            return "piecewise"
+        if one and _plain_module(layer, _KINKED_MODULES):
+            return "kinked"
+        if one and _plain_module(layer, _LINEAR_MODULES):
+            return "linear"
+        if one and isinstance(layer, nn.modules.dropout._DropoutNd):
+            return "linear" if not layer.training or layer.p == 0 else None
+        if _plain_module(layer, _SMOOTH_MODULES) and not _random(layer):
+            return "smooth"
+        return None
+    if n.op == "call_function":
+        target: Any = n.target
+        if target in _SHAPE_FUNCTIONS or (
+            target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES
+        ):
+            return "shape"
+        if target in _SUMS:
+            return "sum"
+        if target in _PRODUCTS and len(live) == 2:
+            return "product"
+        if target in _SCALINGS and (live == [0] or (target in _PRODUCTS and len(live) == 1)):
+            return "linear"
+        if one and target in _LINEAR_FUNCTIONS:
+            return "linear"
+        if one and target in _CURVED_FUNCTIONS:
+            return "curved"
+        if one and (target in _KINKED_FUNCTIONS or target is torch.abs):
+            return "kinked"
+        if one and (target in _ELEMENTWISE_FUNCTIONS or target in _POWERS):
+            return "curved"
+        if target in _SMOOTH_FUNCTIONS:
+            return "smooth"
+        return None
+    if n.op == "call_method":
+        name = str(n.target)
+        if name in _SHAPE_METHODS or (name in _AS_METHODS and 0 not in live):
+            return "shape"
+        if one and name in _AS_METHODS:
+            return "linear"
+        if name in _SUM_METHODS:
+            return "sum"
+        if name == "mul" and len(live) == 2:
+            return "product"
+        if one and (name in _LINEAR_METHODS or name in _SCALING_METHODS):
+            return "linear"
+        if one and name in _CURVED_METHODS:
+            return "curved"
+        if one and (name in _KINKED_METHODS or name == "abs"):
+            return "kinked"
+        if one and name in _ELEMENTWISE_METHODS:
+            return "curved"
+        if name in _SMOOTH_METHODS:
+            return "smooth"
+    return None
+
+
+def _random(layer: nn.Module) -> bool:
+    """Whether a layer's forward draws random numbers (a dropout in training mode)."""
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in layer.modules()
+    )
+
+
+def _live_positions(n: fx.Node, live: set[str]) -> list[int]:
+    """Positions of the arguments of `n` that depend on the differentiated input (-1 for
+    a keyword argument)."""
+    found = []
+    for i, arg in enumerate(n.args):
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(arg, nodes.append)
+        if any(m.name in live for m in nodes):
+            found.append(i)
+    for arg in n.kwargs.values():
+        nodes = []
+        fx.node.map_arg(arg, nodes.append)
+        if any(m.name in live for m in nodes):
+            found.append(-1)
+    return found
+
+
+@dataclass
+class _Plan:
+    graph: fx.GraphModule
+    kinds: dict[str, str]
+    #: the position of the differentiated input among the forward's placeholders
+    position: int
+
+
+def _analyse(request: Request) -> _Plan | str:
+    """The plan of `request`'s module, or why Taylor mode cannot take it."""
+    obj = request.objective
+    if obj.loss is not None:
+        return "a loss is not traced (Taylor mode follows the module's graph only)"
+    if obj.wrt != "inputs" or not obj.single:
+        return "it differentiates one input tensor (wrt='inputs', one argnum)"
+    module = obj.module
+    hooks = _has_hooks(module)
+    if hooks:
+        return hooks
+    if obj.written:
+        return "the forward writes buffers"
+    try:
+        graph = fx.symbolic_trace(module)
+    except Exception as error:  # tracing fails in many ways, none of them ours
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"torch.fx cannot trace the module ({type(error).__name__}: {first})"
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    position = obj.argnums[0]
+    if position >= len(placeholders):
+        return "the differentiated input is not a positional argument of the forward"
+    live = {placeholders[position].name}
+    kinds: dict[str, str] = {}
+    for n in graph.graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        positions = _live_positions(n, live)
+        if not positions or n.op == "output":
+            continue
+        kind = _kind(n, module, positions)
+        if kind is None:
+            what = n.target if n.op != "call_function" else getattr(n.target, "__name__", n.target)
+            if n.op == "call_module":
+                what = f"{n.target} ({type(module.get_submodule(str(n.target))).__name__})"
+            return f"it has no rule for {what!s} (node {n.name!r})"
+        kinds[n.name] = kind
+        live.add(n.name)
+    return _Plan(graph, kinds, position)
+
+
+class TaylorEngine:
+    """Per-sample Laplacians and input-Hessian diagonals by Taylor mode (see the module
+    docstring)."""
+
+    name = "taylor"
+
+    def __init__(self) -> None:
+        self._plans: dict[Any, _Plan | str] = {}
+        self._probed: dict[Any, str | None] = {}
+
+    def _plan(self, request: Request) -> _Plan | str:
+        key = request.objective.signature()
+        if key not in self._plans:
+            self._plans[key] = _analyse(request)
+        return self._plans[key]
+
+    def obstacle(self, request: Request) -> str | None:
+        """Why this engine cannot compute `request`, or None if it can."""
+        if request.order != 2 or request.quantity not in QUANTITIES:
+            return "it computes Laplacians and input-Hessian diagonals only"
+        if request.method != "exact":
+            return f"it computes exact quantities, not a {request.method} estimate"
+        if request.quantity == "diagonal" and request.coordinates is not None:
+            return "it computes the whole diagonal"
+        plan = self._plan(request)
+        if isinstance(plan, str):
+            return plan
+        key = (request.quantity, request.randomness, request.objective.signature())
+        if key not in self._probed:
+            self._probed[key] = self._probe(request)
+        return self._probed[key]
+
+    def _probe(self, request: Request) -> str | None:
+        """Run the rules on one sample: an op whose derivatives torch cannot take in
+        forward mode (a fused kernel) is an obstacle, not a failure of the real run."""
+        obj = request.objective
+        batch = Batch(request.function, obj.args(), obj.in_dims())
+        try:
+            with DERIVATIVE_LOCK, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the real run warns, if it must
+                self.work(request, ()).batched(*batch.first(1))
+        except Exception as error:  # torch's errors, many kinds
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return f"its rules fail on this module ({type(error).__name__}: {first})"
+        return None
+
+    def predicted_faster(self, request: Request) -> bool:
+        return False  # "auto" does not choose it yet
+
+    def axes(self, request: Request) -> tuple[int, ...]:
+        return ()
+
+    def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
+        obj = request.objective
+        plan = self._plan(request)
+        assert not isinstance(plan, str)
+        absent = obj.absent()
+        collapse = request.quantity == "trace"
+        n = request.in_numel
+        coordinates = request.coordinates
+        like = obj.probe_sample()[0]
+        # the module's parameters: themselves with create_graph (a PINN trains through
+        # the Laplacian), detached otherwise, as the other engines' results are
+        state = {
+            name: p if obj.create_graph else p.detach()
+            for name, p in obj.module.named_parameters()
+        }
+        basis = torch.eye(n, dtype=like.dtype, device=like.device)
+        if coordinates is not None:
+            basis = basis[list(coordinates)]
+        weights = request.weights
+        if weights is not None:
+            weights = weights.to(dtype=like.dtype, device=like.device)
+
+        def quantity(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
+            del buffers, vectors
+            inputs = obj._split(diff, xs)[1]
+            x = inputs[plan.position]
+            directions = basis.reshape(len(basis), 1, *x.shape)
+            k = 1 if collapse else len(basis)
+            seed = Jet(
+                x.unsqueeze(0),
+                directions,
+                torch.zeros(k, 1, *x.shape, dtype=x.dtype, device=x.device),
+            )
+            run = _Run(plan, state, seed, weights if collapse else None, collapse)
+            given = [seed if i == plan.position else v.unsqueeze(0) for i, v in enumerate(inputs)]
+            placeholders = [p for p in plan.graph.graph.nodes if p.op == "placeholder"]
+            given += [
+                obj.kwargs[p.target] if p.target in obj.kwargs else p.args[0]
+                for p in placeholders[len(given) :]
+            ]
+            with corrected_ops() if obj.routed else nullcontext():
+                out = run.run(*given)
+            if not isinstance(out, Jet):  # the output does not depend on x
+                out = Jet(out, out.new_zeros(len(basis), *out.shape), out.new_zeros(k, *out.shape))
+            second = torch.vmap(lambda part: obj._objective(part, target))(out.second)
+            if collapse:
+                return second[0]
+            # [R, *y] -> [*y, *x]: the diagonal's entries last, as the other engines
+            return second.movedim(0, -1).reshape(*second.shape[1:], *x.shape)
+
+        func = with_nones(quantity, absent, len(obj.in_dims()))
+        return vmapped(func, obj.in_dims(), 0, request.randomness, absent)
+
+
+class _Run(fx.Interpreter):
+    """Runs the traced graph on one sample, jets where the values depend on ``x``."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        state: dict[str, Tensor],
+        seed: Jet,
+        weights: Tensor | None,
+        collapse: bool,
+    ) -> None:
+        super().__init__(plan.graph, garbage_collect_values=True)
+        self.plan, self.state, self.seed = plan, state, seed
+        self.weights, self.collapse = weights, collapse
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in self.state:
+            return self.state[target]
+        return super().get_attr(target, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        layer = self.module.get_submodule(str(target))
+        local = {
+            name: self.state[f"{target}.{name}"]
+            for name, _ in layer.named_parameters()
+            if f"{target}.{name}" in self.state
+        }
+        if not local:
+            return layer(*args, **kwargs)
+        return torch.func.functional_call(layer, local, tuple(args), kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        kind = self.plan.kinds.get(n.name)
+        if kind is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if kind == "shape":  # a constant: computed from the values
+            n_args, n_kwargs = _values((args, kwargs))
+            return getattr(self, n.op)(n.target, n_args, n_kwargs)
+        if kind == "affine":
+            return self._affine(str(n.target), args[0])
+        op = self._callable(n)
+        if kind == "linear":
+            return _linear(op, args, kwargs, summands=0)
+        if kind == "sum":  # add / sub: two terms; cat / stack: a sequence of them
+            return _linear(op, args, kwargs, summands=1 if n.target in _SEQUENCES else 2)
+        if kind == "product":
+            return self._product(args[0], args[1])
+        if kind == "smooth":
+            return self._smooth(op, args, kwargs)
+        if kind == "piecewise":  # second derivative zero almost everywhere: linearised
+            u = args[0]
+
+            def function(t: Tensor) -> Tensor:
+                return op(t, *args[1:], **kwargs)  # type: ignore[no-any-return]
+
+            parts = torch.vmap(lambda t: torch.func.jvp(function, (u.value,), (t,))[1])
+            return Jet(function(u.value), parts(u.first), parts(u.second))
+        return self._elementwise(lambda u: op(u, *args[1:], **kwargs), args[0], kind == "curved")
+
+    def _callable(self, n: fx.Node) -> Callable[..., Any]:
+        if n.op == "call_module":
+            path = str(n.target)
+            return lambda *a, **k: self.call_module(path, a, k)
+        if n.op == "call_method":
+            name = str(n.target)
+            return lambda self_, *a, **k: getattr(self_, name)(*a, **k)
+        target: Any = n.target
+        return target  # type: ignore[no-any-return]
+
+    def _affine(self, path: str, u: Jet) -> Jet:
+        layer: Any = self.module.get_submodule(path)
+        weight, bias = self.state[f"{path}.weight"], self.state.get(f"{path}.bias")
+
+        def apply(t: Tensor, b: Tensor | None) -> Tensor:
+            if isinstance(layer, nn.Linear):
+                return torch.nn.functional.linear(t, weight, b)
+            return layer._conv_forward(t, weight, b)  # type: ignore[no-any-return]
+
+        parts = torch.vmap(lambda t: apply(t, None))
+        return Jet(apply(u.value, bias), parts(u.first), parts(u.second))
+
+    def _square(self, a: Tensor, b: Tensor) -> Tensor:
+        """``sum_r w_r a_r b_r`` (collapsed, ``[1, ...]``) or ``a_r b_r`` per direction."""
+        return self._collapse(a * b)
+
+    def _elementwise(self, function: Callable[[Tensor], Tensor], u: Jet, curved: bool) -> Jet:
+        ones = torch.ones_like(u.value)
+        value, slope = torch.func.jvp(function, (u.value,), (ones,))[:2]
+        second = slope * u.second
+        if curved:
+
+            def derivative(v: Tensor) -> Tensor:
+                return torch.func.jvp(function, (v,), (ones,))[1]  # type: ignore[no-any-return]
+
+            curvature = torch.func.jvp(derivative, (u.value,), (ones,))[1]
+            second = second + curvature * self._square(u.first, u.first)
+        return Jet(value, slope * u.first, second)
+
+    def _smooth(self, op: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Any smooth op of its jet arguments: ``Y_1 = Df[U_1]``, ``Y_2 = Df[U_2] +
+        sum_r w_r D^2 f[U_{1,r}, U_{1,r}]`` by (nested) Jacobian-vector products."""
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs)), is_leaf=_is_jet)
+        jets = [i for i, leaf in enumerate(leaves) if _is_jet(leaf)]
+        values = tuple(leaves[i].value for i in jets)
+
+        def function(*xs: Tensor) -> Tensor:
+            filled = list(leaves)
+            for i, x in zip(jets, xs, strict=True):
+                filled[i] = x
+            a, k = tree_unflatten(filled, spec)
+            return op(*a, **k)  # type: ignore[no-any-return]
+
+        def along(*tangents: Tensor) -> Tensor:
+            return torch.func.jvp(function, values, tangents)[1]  # type: ignore[no-any-return]
+
+        def twice(*tangents: Tensor) -> Tensor:
+            def inner(*xs: Tensor) -> Tensor:
+                return torch.func.jvp(function, xs, tangents)[1]  # type: ignore[no-any-return]
+
+            return torch.func.jvp(inner, values, tangents)[1]  # type: ignore[no-any-return]
+
+        firsts = [leaves[i].first for i in jets]
+        value = function(*values)
+        first = torch.vmap(along)(*firsts)
+        second = torch.vmap(along)(*[leaves[i].second for i in jets])
+        curvature = torch.vmap(twice)(*firsts)  # [R, *y] per output
+        out, out_spec = tree_flatten(value)
+        parts = [tree_flatten(t)[0] for t in (first, second, curvature)]
+        jets_out = []
+        for y, y1, y2, c in zip(out, *parts, strict=True):
+            if not isinstance(y, Tensor) or not y.is_floating_point():
+                jets_out.append(y)
+                continue
+            jets_out.append(Jet(y, y1, y2 + self._collapse(c)))
+        return tree_unflatten(jets_out, out_spec)
+
+    def _collapse(self, curvature: Tensor) -> Tensor:
+        """Second directional derivatives ``[R, *y]``, summed with the weights into
+        ``[1, *y]`` for a Laplacian, kept per direction for a diagonal."""
+        if not self.collapse:
+            return curvature
+        if self.weights is None:
+            return curvature.sum(0, keepdim=True)
+        collapsed: Tensor = torch.tensordot(self.weights, curvature, dims=1)
+        return collapsed.unsqueeze(0)
+
+    def _product(self, u: Any, v: Any) -> Jet:
+        return Jet(
+            u.value * v.value,
+            u.first * v.value + u.value * v.first,
+            u.second * v.value + u.value * v.second + 2 * self._square(u.first, v.first),
+        )
+
+
+def _values(tree: Any) -> Any:
+    """`tree` with its jets replaced by their values."""
+    leaves, spec = tree_flatten(tree, is_leaf=_is_jet)
+    return tree_unflatten([leaf.value if _is_jet(leaf) else leaf for leaf in leaves], spec)
+
+
+def _linear(op: Callable[..., Any], args: Any, kwargs: Any, *, summands: int) -> Jet:
+    """`op`, linear in its jet arguments, applied to every part. In the derivative parts
+    the other arguments stay (a scaling's factor, a view's shape), except the constant
+    terms of a sum (in its first `summands` positional arguments), which become zeros."""
+    args = tuple(args)
+    terms, term_spec = tree_flatten(args[:summands], is_leaf=_is_jet)
+    rest, rest_spec = tree_flatten((args[summands:], dict(kwargs)), is_leaf=_is_jet)
+
+    def zero(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor):
+            return torch.zeros_like(leaf)
+        return 0 if isinstance(leaf, (int, float)) and not isinstance(leaf, bool) else leaf
+
+    def call(terms_: list[Any], rest_: list[Any]) -> Any:
+        front = tree_unflatten(terms_, term_spec)
+        back, k = tree_unflatten(rest_, rest_spec)
+        return op(*front, *back, **k)
+
+    def value(leaf: Any) -> Any:
+        return leaf.value if _is_jet(leaf) else leaf
+
+    leaves = terms + rest
+    jets = [i for i, leaf in enumerate(leaves) if _is_jet(leaf)]
+    constants = [zero(leaf) for leaf in terms] + [value(leaf) for leaf in rest]
+
+    def parts(*p: Tensor) -> Any:
+        filled = list(constants)
+        for i, part in zip(jets, p, strict=True):
+            filled[i] = part
+        return call(filled[: len(terms)], filled[len(terms) :])
+
+    vectorised = torch.vmap(parts)
+    return Jet(
+        call([value(leaf) for leaf in terms], [value(leaf) for leaf in rest]),
+        vectorised(*[leaves[i].first for i in jets]),
+        vectorised(*[leaves[i].second for i in jets]),
+    )

@@ -1,0 +1,252 @@
+"""Taylor mode (``mode="taylor"``): per-sample Laplacians and input-Hessian diagonals
+from one forward of jets.
+
+Checked in float64 against the exact Hessian-vector-product path (``rev-over-rev``,
+itself checked against the loop oracle elsewhere) and closed forms, on MLPs of every
+activation it derives, a residual block with products, sums of constants,
+concatenations and scalings, CNNs, a transformer block, attention with layer norm, and
+attention written out with quotients and powers; with coordinates, weights, output selections and
+vector outputs; gradients through it (``create_graph=True``) against autograd's double
+backward; where it has no rule, ``explain`` says which op and the other engines answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchcurv
+from torchcurv.testing import assert_trees_close
+
+D = torch.float64
+
+
+class Mixed(nn.Module):
+    """A residual branch with a product of two jets, scalings, a constant added, a
+    concatenation with a constant, slicing and an elementwise method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 6), nn.Linear(6, 5), nn.Linear(5, 2)
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        gate = torch.sigmoid(self.a(x)).sum(-1, keepdim=True)
+        y = x + self.b(h) * gate - self.shift / 2
+        wide = torch.cat([y, 2.0 * y + 1.0, self.shift.expand_as(y)], dim=-1)
+        return self.head(wide[..., 3:8]).sin() * 0.5 + F.softplus(x[..., :2])
+
+
+class Cnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(F.gelu(self.conv(x))).flatten(1))  # type: ignore[no-any-return]
+
+
+class Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x).mean(1))  # type: ignore[no-any-return]
+
+
+class AttentionNorm(nn.Module):
+    """Attention (a module returning a tuple), a residual layer norm with a weight
+    (whose second derivatives torch.func gets wrong), log-softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x + self.attn(x, x, x)[0])
+        return F.log_softmax(self.head(h), dim=-1).sum(1)
+
+
+class ByHand(nn.Module):
+    """Attention written out (a matmul of two jets, softmax), a quotient of jets, a
+    power, a logarithm, an absolute value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 2.0, dim=-1)
+        energy = (weights @ x).pow(2).sum((-1, -2))
+        ratio = energy / (1.0 + x.pow(2).sum((-1, -2)))
+        return torch.stack([ratio, torch.log(1 + x.abs().sum((-1, -2)))], dim=-1)
+
+
+def _mlp(act: nn.Module, out: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, out))
+
+
+CASES = {
+    "tanh": (lambda: _mlp(nn.Tanh()), (5,)),
+    "gelu": (lambda: _mlp(nn.GELU()), (5,)),
+    "silu-one-output": (lambda: _mlp(nn.SiLU(), 1), (5,)),
+    "softplus": (lambda: _mlp(nn.Softplus(beta=2.0)), (5,)),
+    "elu": (lambda: _mlp(nn.ELU()), (5,)),
+    "relu": (lambda: _mlp(nn.ReLU()), (5,)),
+    "mixed": (Mixed, (5,)),
+    "cnn": (Cnn, (1, 4, 4)),
+    "transformer": (Transformer, (3, 4)),
+    "attention-layer-norm": (AttentionNorm, (3, 4)),
+    "attention-by-hand": (ByHand, (3, 4)),
+    "cnn-maxpool": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (1, 4, 4),
+    ),
+}  # fmt: skip
+
+
+def _case(name: str, batch: int = 3) -> tuple[nn.Module, torch.Tensor]:
+    make, shape = CASES[name]
+    torch.manual_seed(0)
+    return make().to(D).eval(), torch.randn(batch, *shape, dtype=D)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"output": 0}, {"output": 1, "coordinates": [0, 3], "weights": [2.0, -0.5]}],
+    ids=["all-outputs", "output-0", "coordinates-weights"],
+)
+def test_laplacians_equal_the_hessian_vector_products(name: str, options: Any) -> None:
+    model, X = _case(name)
+    if options.get("output") == 1 and model(X).shape[-1] == 1:
+        options = {**options, "output": 0}
+    decision = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, mode="taylor",
+                                 **options)  # fmt: skip
+    assert decision.engine == "taylor"
+    got = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
+    expected = torchcurv.per_sample_laplacian(model, X, mode="rev-over-rev", **options)
+    assert got.shape == expected.shape
+    assert_trees_close(got, expected)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_hessian_diagonals_equal_the_hessian_vector_products(name: str) -> None:
+    model, X = _case(name)
+    got = torchcurv.per_sample_hessian_diag(model, X, mode="taylor")
+    expected = torchcurv.per_sample_hessian_diag(model, X, mode="rev-over-rev")
+    assert got.shape == expected.shape
+    assert_trees_close(got, expected)
+    whole = torchcurv.per_sample_hessian(model, X, mode="rev-over-rev", output=0)
+    matrix = torchcurv.to_matrix(whole, batch_dims=1)
+    assert_trees_close(got[:, 0].flatten(1), matrix.diagonal(dim1=1, dim2=2))
+
+
+class Closed(nn.Module):
+    """``sum(sin(x)) + (x . x) * x_0``: Laplacian ``-sum(sin x) + 6 x_0`` (from the
+    product: ``2 n x_0`` has ``d^2/dx_0^2 (x . x) x_0 = 6 x_0``, the others ``2 x_0``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x).sum(-1) + (x * x).sum(-1) * x[..., 0]
+
+
+def test_closed_forms() -> None:
+    X = torch.randn(4, 3, dtype=D)
+    got = torchcurv.per_sample_laplacian(Closed(), X, mode="taylor")
+    n = X.shape[1]
+    expected = -torch.sin(X).sum(-1) + (6 + 2 * (n - 1)) * X[:, 0]
+    assert_trees_close(got, expected)
+    # an output that does not depend on the input has zero curvature
+    constant = nn.Sequential(nn.Linear(3, 2)).to(D)
+    assert float(torchcurv.per_sample_laplacian(constant, X, mode="taylor").abs().max()) == 0.0
+
+
+def test_gradients_through_the_laplacian_equal_double_backward() -> None:
+    model, X = _case("mixed")
+
+    def grads(mode: str) -> tuple[torch.Tensor, ...]:
+        L = torchcurv.per_sample_laplacian(model, X, output=0, mode=mode, create_graph=True)
+        return torch.autograd.grad(L.pow(2).sum(), tuple(model.parameters()))
+
+    for got, expected in zip(grads("taylor"), grads("rev-over-rev"), strict=True):
+        assert_trees_close(got, expected)
+    plain = torchcurv.per_sample_laplacian(model, X, output=0, mode="taylor")
+    assert not plain.requires_grad
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 3, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0].sum((-1, -2))  # type: ignore[no-any-return]
+
+
+class CumulativeSum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.cumsum(x, dim=-1)).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "options", "why"),
+    [
+        (Recurrent, (3, 4), {}, "no rule for lstm (LSTM)"),
+        (CumulativeSum, (4,), {}, "no rule for cumsum"),
+        (lambda: _mlp(nn.Tanh()), (5,), {"loss": F.cross_entropy, "targets": "classes"},
+         "a loss is not traced"),
+    ],
+)  # fmt: skip
+def test_where_it_has_no_rule_explain_says_which_and_auto_answers(
+    make: Any, shape: Any, options: Any, why: str
+) -> None:
+    torch.manual_seed(0)
+    model = make().to(D).eval()
+    X = torch.randn(3, *shape, dtype=D)
+    if options.get("targets") == "classes":
+        options = {**options, "targets": torch.randint(0, 3, (3,))}
+    refused = f"mode='taylor' cannot.*{re.escape(why)}"
+    with pytest.raises(torchcurv.UnsupportedModuleError, match=refused):
+        torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
+    got = torchcurv.per_sample_laplacian(model, X, **options)
+    assert_trees_close(got, torchcurv.per_sample_laplacian(model, X, mode="rev-over-rev",
+                                                           **options))  # fmt: skip
+
+
+def test_other_quantities_refuse_the_mode() -> None:
+    model, X = _case("tanh")
+    with pytest.raises(torchcurv.TorchcurvError, match="per_sample_hessian: mode"):
+        torchcurv.per_sample_hessian(model, X, mode="taylor")
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="wrt='inputs'"):
+        torchcurv.per_sample_hessian_diag(model, X, mode="taylor", wrt="params", output=0)
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="not a hutchinson estimate"):
+        torchcurv.per_sample_laplacian(model, X, mode="taylor", method="hutchinson",
+                                       num_samples=3)  # fmt: skip
+
+
+def test_the_module_is_left_as_it_was() -> None:
+    model, X = _case("mixed")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torchcurv.per_sample_laplacian(model, X, mode="taylor", create_graph=True)
+    torchcurv.per_sample_hessian_diag(model, X, mode="taylor")
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
