@@ -180,10 +180,14 @@ def test_gradients_through_the_laplacian_equal_those_of_the_full_trace(mode: str
 
 def test_explain_shows_the_quantity_plan_and_refuses_options_it_does_not_take() -> None:
     model, X = cnn(), torch.randn(4, 1, 5, 5)
-    decision = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, output=0)
+    decision = torchcurv.explain(
+        torchcurv.per_sample_laplacian, model, X, output=0, mode="fwd-over-rev"
+    )
     assert decision.function == "per_sample_laplacian"
-    assert decision.engine == "fwd-over-rev"
     assert decision.basis_sizes == (1, 25)  # the outer stage runs over the 25 inputs
+    auto = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, output=0)
+    assert auto.engine == "taylor"  # every op of the CNN has a cheap rule
+    assert "Taylor mode applies and is predicted faster" in auto.why_engine
     small = torchcurv.explain(
         torchcurv.per_sample_hessian_diag, model, X, output=0, memory_budget=200_000
     )

@@ -250,3 +250,25 @@ def test_the_module_is_left_as_it_was() -> None:
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    ("name", "engine", "why"),
+    [
+        ("mixed", "taylor", "Taylor mode applies and is predicted faster"),
+        ("cnn-maxpool", "taylor", "Taylor mode applies and is predicted faster"),
+        ("transformer", None, "Taylor mode applies but is predicted slower"),
+        ("attention-layer-norm", None, "Taylor mode applies but is predicted slower"),
+    ],
+)
+def test_auto_takes_it_where_every_op_has_a_cheap_rule(name: str, engine: Any, why: str) -> None:
+    """A smooth op's nested products per direction cost what the Hessian-vector
+    products cost: there ``"auto"`` keeps the generic engine."""
+    model, X = _case(name)
+    decision = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, output=0)
+    assert why in decision.why_engine
+    assert decision.engine == engine if engine else decision.engine != "taylor"
+    assert_trees_close(
+        torchcurv.per_sample_laplacian(model, X, output=0),
+        torchcurv.per_sample_laplacian(model, X, output=0, mode="rev-over-rev"),
+    )

@@ -19,7 +19,9 @@ The ``"auto"`` rule, the same words at function and module level: *the fastest e
 that can compute it*. For a Hessian that is the structured engine (Hessian
 backpropagation: whole input Hessians of layer stacks, and per-sample Hessian and
 Gauss-Newton diagonals of parameters over the traced graph, `torchcurv.engines.diagonals`)
-when it applies and its cost model predicts it faster, otherwise
+when it applies and its cost model predicts it faster; for an input Laplacian or
+Hessian diagonal next Taylor mode (`torchcurv.engines.taylor`) when it applies and
+every op has a cheap rule; otherwise
 forward-over-reverse with the inner stage chosen by size (reverse unless the output has
 more entries than the input). For a Jacobian: reverse mode unless the output has more
 entries than the input, then forward mode. The function-level transforms have no
@@ -155,6 +157,16 @@ def choose(request: Request, mode: str) -> tuple[Engine, str]:
             if obstacle is not None
             else "auto: the structured engine applies but is predicted slower"
         )
+        if request.quantity in ("trace", "diagonal") and request.objective.wrt == "inputs":
+            taylor = engine_named("taylor", 2)
+            hurdle = taylor.obstacle(request)
+            if hurdle is None and taylor.predicted_faster(request):
+                return taylor, f"{why}; Taylor mode applies and is predicted faster"
+            why += (
+                f"; Taylor mode does not apply ({hurdle})"
+                if hurdle is not None
+                else "; Taylor mode applies but is predicted slower (an op without a cheap rule)"
+            )
         return _usable_generic(request, _auto_generic(request), fallback, why)
     why = "auto: reverse mode unless the output is larger than the input"
     return _usable_generic(request, _auto_generic(request), fallback, why)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -264,21 +265,23 @@ def _analyse(request: Request) -> _Plan | str:
     return _Plan(graph, kinds, position)
 
 
+# Plans and probe outcomes per module and request signature (weakly keyed by the module).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
 class TaylorEngine:
     """Per-sample Laplacians and input-Hessian diagonals by Taylor mode (see the module
     docstring)."""
 
     name = "taylor"
 
-    def __init__(self) -> None:
-        self._plans: dict[Any, _Plan | str] = {}
-        self._probed: dict[Any, str | None] = {}
-
     def _plan(self, request: Request) -> _Plan | str:
-        key = request.objective.signature()
-        if key not in self._plans:
-            self._plans[key] = _analyse(request)
-        return self._plans[key]
+        obj = request.objective
+        plans = _PLANS.setdefault(obj.module, {})
+        key = ("plan", obj.signature())
+        if key not in plans:
+            plans[key] = _analyse(request)
+        return plans[key]  # type: ignore[no-any-return]
 
     def obstacle(self, request: Request) -> str | None:
         """Why this engine cannot compute `request`, or None if it can."""
@@ -291,10 +294,11 @@ class TaylorEngine:
         plan = self._plan(request)
         if isinstance(plan, str):
             return plan
-        key = (request.quantity, request.randomness, request.objective.signature())
-        if key not in self._probed:
-            self._probed[key] = self._probe(request)
-        return self._probed[key]
+        probes = _PLANS.setdefault(request.objective.module, {})
+        key = ("probe", request.quantity, request.randomness, request.objective.signature())
+        if key not in probes:
+            probes[key] = self._probe(request)
+        return probes[key]  # type: ignore[no-any-return]
 
     def _probe(self, request: Request) -> str | None:
         """Run the rules on one sample: an op whose derivatives torch cannot take in
@@ -311,7 +315,10 @@ class TaylorEngine:
         return None
 
     def predicted_faster(self, request: Request) -> bool:
-        return False  # "auto" does not choose it yet
+        """Faster than the Hessian-vector products where every op has a cheap rule: a
+        smooth op's nested products per direction cost what the products cost."""
+        plan = self._plan(request)
+        return not isinstance(plan, str) and "smooth" not in plan.kinds.values()
 
     def axes(self, request: Request) -> tuple[int, ...]:
         return ()
@@ -428,7 +435,9 @@ class _Run(fx.Interpreter):
 
             parts = torch.vmap(lambda t: torch.func.jvp(function, (u.value,), (t,))[1])
             return Jet(function(u.value), parts(u.first), parts(u.second))
-        return self._elementwise(lambda u: op(u, *args[1:], **kwargs), args[0], kind == "curved")
+        closed = _CLOSED.get(_closed_name(n, self.module)) if not args[1:] and not kwargs else None
+        derivatives = closed or (lambda u: _derived(lambda t: op(t, *args[1:], **kwargs), u))
+        return self._elementwise(derivatives, args[0], kind == "curved")
 
     def _callable(self, n: fx.Node) -> Callable[..., Any]:
         if n.op == "call_module":
@@ -456,16 +465,11 @@ class _Run(fx.Interpreter):
         """``sum_r w_r a_r b_r`` (collapsed, ``[1, ...]``) or ``a_r b_r`` per direction."""
         return self._collapse(a * b)
 
-    def _elementwise(self, function: Callable[[Tensor], Tensor], u: Jet, curved: bool) -> Jet:
-        ones = torch.ones_like(u.value)
-        value, slope = torch.func.jvp(function, (u.value,), (ones,))[:2]
+    def _elementwise(self, derivatives: Callable[[Tensor], Any], u: Jet, curved: bool) -> Jet:
+        """The chain rule of an elementwise function, from ``(s(u), s'(u), s''(u))``."""
+        value, slope, curvature = derivatives(u.value)
         second = slope * u.second
         if curved:
-
-            def derivative(v: Tensor) -> Tensor:
-                return torch.func.jvp(function, (v,), (ones,))[1]  # type: ignore[no-any-return]
-
-            curvature = torch.func.jvp(derivative, (u.value,), (ones,))[1]
             second = second + curvature * self._square(u.first, u.first)
         return Jet(value, slope * u.first, second)
 
@@ -523,6 +527,53 @@ class _Run(fx.Interpreter):
             u.first * v.value + u.value * v.first,
             u.second * v.value + u.value * v.second + 2 * self._square(u.first, v.first),
         )
+
+
+def _derived(function: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s(u), s'(u), s''(u))`` of an elementwise function, by forward-mode AD of it."""
+    ones = torch.ones_like(u)
+
+    def derivative(v: Tensor) -> Tensor:
+        return torch.func.jvp(function, (v,), (ones,))[1]  # type: ignore[no-any-return]
+
+    value, slope = torch.func.jvp(function, (u,), (ones,))[:2]
+    return value, slope, torch.func.jvp(derivative, (u,), (ones,))[1]
+
+
+def _tanh(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.tanh(u)
+    slope = 1 - y * y
+    return y, slope, -2 * y * slope
+
+
+def _sigmoid(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.sigmoid(u)
+    slope = y * (1 - y)
+    return y, slope, slope * (1 - 2 * y)
+
+
+# Closed forms of the commonest activations: fewer kernels than nested forward mode.
+_CLOSED: dict[str | None, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    "tanh": _tanh,
+    "sigmoid": _sigmoid,
+}
+
+
+def _closed_name(n: fx.Node, module: nn.Module) -> str | None:
+    """``"tanh"`` / ``"sigmoid"`` where node `n` is that activation, else None."""
+    if n.op == "call_module":
+        layer = module.get_submodule(str(n.target))
+        kinds = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+        return next((v for k, v in kinds.items() if _plain_module(layer, (k,))), None)
+    if n.op == "call_method":
+        return str(n.target) if n.target in ("tanh", "sigmoid") else None
+    functions: dict[Any, str] = {
+        torch.tanh: "tanh",
+        F.tanh: "tanh",
+        torch.sigmoid: "sigmoid",
+        F.sigmoid: "sigmoid",
+    }
+    return functions.get(n.target)
 
 
 def _values(tree: Any) -> Any:
