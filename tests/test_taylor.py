@@ -236,9 +236,15 @@ def test_other_quantities_refuse_the_mode() -> None:
         torchcurv.per_sample_hessian(model, X, mode="taylor")
     with pytest.raises(torchcurv.UnsupportedModuleError, match="wrt='inputs'"):
         torchcurv.per_sample_hessian_diag(model, X, mode="taylor", wrt="params", output=0)
-    with pytest.raises(torchcurv.UnsupportedModuleError, match="not a hutchinson estimate"):
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="unweighted traces"):
         torchcurv.per_sample_laplacian(model, X, mode="taylor", method="hutchinson",
-                                       num_samples=3)  # fmt: skip
+                                       num_samples=3, weights=[1.0] * 5)  # fmt: skip
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="unweighted traces"):
+        torchcurv.per_sample_hessian_diag(model, X, mode="taylor", method="hutchinson",
+                                          num_samples=3)  # fmt: skip
+    with pytest.raises(torchcurv.UnsupportedModuleError, match="not a hutch\\+\\+ estimate"):
+        torchcurv.per_sample_laplacian(model, X, mode="taylor", method="hutch++",
+                                       num_samples=3, output=0)  # fmt: skip
 
 
 def test_the_module_is_left_as_it_was() -> None:
@@ -272,3 +278,34 @@ def test_auto_takes_it_where_every_op_has_a_cheap_rule(name: str, engine: Any, w
         torchcurv.per_sample_laplacian(model, X, output=0),
         torchcurv.per_sample_laplacian(model, X, output=0, mode="rev-over-rev"),
     )
+
+
+@pytest.mark.parametrize("name", ["cnn", "mixed", "transformer"])
+@pytest.mark.parametrize(
+    "options", [{}, {"output": 0}, {"output": 1, "coordinates": [0, 2]}],
+    ids=["all-outputs", "output-0", "coordinates"],
+)  # fmt: skip
+def test_hutchinson_traces_equal_those_of_the_hessian_vector_products(
+    name: str, options: Any
+) -> None:
+    """The same probes from the same seeds: ``v^T H v`` per probe, to rounding."""
+    model, X = _case(name)
+
+    def estimate(mode: str, **extra: Any) -> torch.Tensor:
+        return torchcurv.per_sample_laplacian(  # type: ignore[no-any-return]
+            model, X, mode=mode, method="hutchinson", num_samples=5,
+            generator=torch.Generator().manual_seed(7), **options, **extra,
+        )  # fmt: skip
+
+    got = estimate("taylor")
+    assert_trees_close(got, estimate("fwd-over-rev"))
+    assert_trees_close(estimate("taylor", chunk_size=1), got, rtol=0, atol=1e-14)
+
+    def gradients(mode: str) -> tuple[torch.Tensor, ...]:
+        total = estimate(mode, create_graph=True).sum()
+        return torch.autograd.grad(  # the head's bias does not reach a second derivative
+            total, tuple(model.parameters()), allow_unused=True, materialize_grads=True
+        )
+
+    for g, e in zip(gradients("taylor"), gradients("rev-over-rev"), strict=True):
+        assert_trees_close(g, e)

@@ -1652,7 +1652,10 @@ def per_sample_laplacian(
     objectives) spends a third of them sketching the Hessian's range, whose trace it
     takes exactly, a third on that, and a third on Hutchinson for the rest: a lower
     variance when the spectrum decays. Probes are seeded per sample as in
-    `per_sample_hessian_diag`.
+    `per_sample_hessian_diag`. Without `weights`, Taylor mode (``mode="taylor"``, or
+    ``"auto"`` where it is predicted faster) takes the Hutchinson estimate as ``v^T H v``
+    per probe from one forward of jets, the same probes from the same seeds: the same
+    estimate to rounding.
 
     Args:
         module: The model; never modified.

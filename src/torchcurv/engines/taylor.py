@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import corrected_ops
-from .._runner import Batch, Work, vmapped, with_nones
+from .._runner import Batch, Work, draws, vmapped, with_draws, with_nones
 from . import Request
 from .diagonals import (
     _CURVED_FUNCTIONS,
@@ -287,8 +287,16 @@ class TaylorEngine:
         """Why this engine cannot compute `request`, or None if it can."""
         if request.order != 2 or request.quantity not in QUANTITIES:
             return "it computes Laplacians and input-Hessian diagonals only"
-        if request.method != "exact":
-            return f"it computes exact quantities, not a {request.method} estimate"
+        if request.method == "hutchinson" and (
+            request.quantity != "trace" or request.weights is not None
+        ):
+            return (
+                "its Hutchinson estimate is of unweighted traces (v^T H v per probe; a "
+                "diagonal or weights need H v)"
+            )
+        if request.method not in ("exact", "hutchinson"):
+            method = request.method
+            return f"it computes exact quantities and Hutchinson traces, not a {method} estimate"
         if request.quantity == "diagonal" and request.coordinates is not None:
             return "it computes the whole diagonal"
         plan = self._plan(request)
@@ -344,13 +352,21 @@ class TaylorEngine:
         weights = request.weights
         if weights is not None:
             weights = weights.to(dtype=like.dtype, device=like.device)
+        probes = request.method == "hutchinson"
+        if probes:  # the probes are the directions, each with weight 1 / S
+            assert request.num_samples is not None
+            weights = torch.full((request.num_samples,), 1.0 / request.num_samples,
+                                 dtype=like.dtype, device=like.device)  # fmt: skip
+            mask = torch.zeros(n, dtype=like.dtype, device=like.device)
+            mask[list(coordinates) if coordinates is not None else slice(None)] = 1.0
 
         def quantity(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
-            del buffers, vectors
+            del buffers
             inputs = obj._split(diff, xs)[1]
             x = inputs[plan.position]
-            directions = basis.reshape(len(basis), 1, *x.shape)
-            k = 1 if collapse else len(basis)
+            rows = vectors * mask if probes else basis
+            directions = rows.reshape(len(rows), 1, *x.shape)
+            k = 1 if collapse else len(rows)
             seed = Jet(
                 x.unsqueeze(0),
                 directions,
@@ -366,7 +382,7 @@ class TaylorEngine:
             with corrected_ops() if obj.routed else nullcontext():
                 out = run.run(*given)
             if not isinstance(out, Jet):  # the output does not depend on x
-                out = Jet(out, out.new_zeros(len(basis), *out.shape), out.new_zeros(k, *out.shape))
+                out = Jet(out, out.new_zeros(len(rows), *out.shape), out.new_zeros(k, *out.shape))
             second = torch.vmap(lambda part: obj._objective(part, target))(out.second)
             if collapse:
                 return second[0]
@@ -374,7 +390,12 @@ class TaylorEngine:
             return second.movedim(0, -1).reshape(*second.shape[1:], *x.shape)
 
         func = with_nones(quantity, absent, len(obj.in_dims()))
-        return vmapped(func, obj.in_dims(), 0, request.randomness, absent)
+        work = vmapped(func, obj.in_dims(), 0, request.randomness, absent)
+        if not probes:
+            return work
+        # the Hessian-vector products' probes, drawn the same way from the same seeds
+        shape = (request.num_samples or 0, n)
+        return with_draws(work, lambda seeds: draws(seeds, shape, like.dtype, like.device))
 
 
 class _Run(fx.Interpreter):
