@@ -11,6 +11,7 @@ seed and independent of the batch size.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -175,12 +176,20 @@ def test_the_gauss_newton_matrix_of_an_estimate_is_psd_of_rank_at_most_s() -> No
     ("options", "message"),
     [
         ({"loss": lambda out, t: F.cross_entropy(out, t)}, "loss has no sampled curvature"),
-        ({"loss": nn.CrossEntropyLoss(weight=torch.ones(3, dtype=D))}, "without class weights"),
+        ({"loss": nn.CrossEntropyLoss(weight=torch.ones(3, dtype=D))}, "has class weights"),
+        (
+            {"loss": functools.partial(F.cross_entropy, label_smoothing=0.1)},
+            "functools.partial or a wrapper is not recognised",
+        ),
         ({"loss": nn.HuberLoss(), "targets": torch.randn(3, 3, dtype=D)}, "method='exact'"),
         ({"num_samples": None}, "num_samples must be an int >= 1 \\(sampled loss rows"),
         ({"num_samples": 0}, "num_samples must be"),
         ({"method": "hutchinson"}, "method must be one of 'exact', 'mc'"),
-        ({"method": "exact"}, "num_samples applies to the estimators only"),
+        ({"method": "exact"}, "num_samples applies to the estimators only.*method='mc'"),
+        (
+            {"method": "exact", "num_samples": None, "generator": torch.Generator()},
+            "generator applies to the estimators only.*method='mc'",
+        ),
         ({"generator": 3}, "generator must be a CPU torch.Generator"),
     ],
 )
@@ -199,3 +208,15 @@ def test_cross_entropy_needs_logits_per_sample() -> None:
         torchcurv.per_sample_ggn_diag(
             model, X, loss=F.cross_entropy, targets=y, method="mc", num_samples=2
         )
+
+
+def test_a_budget_below_the_result_suggests_what_the_function_has() -> None:
+    torchcurv.initialize()
+    X, y = torch.randn(3, 4, dtype=D), torch.randint(0, 3, (3,))
+    for function, advice in [
+        (torchcurv.per_sample_ggn, "params=, the diagonal: torchcurv.per_sample_ggn_diag"),
+        (torchcurv.per_sample_ggn_diag, "params=\\)"),
+    ]:
+        with pytest.raises(torchcurv.MemoryBudgetError, match=f"ask for less.*{advice}") as info:
+            function(mlp(), X, loss=F.cross_entropy, targets=y, memory_budget=64)
+        assert "output=" not in str(info.value)

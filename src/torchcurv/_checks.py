@@ -470,7 +470,8 @@ def check_estimator(
                     argument,
                     "applies to the estimators only",
                     value,
-                    f"Drop {argument}=, or pass method='hutchinson'.",
+                    f"Drop {argument}=, or pass method="
+                    f"{next(m for m in methods if m != 'exact')!r}.",
                 )
         return
     least = 3 if method == "hutch++" else 1
@@ -495,5 +496,5 @@ def check_estimator(
             "generator",
             "must be a CPU torch.Generator (or None for the global one)",
             generator,
-            "Pass torch.Generator().manual_seed(0) for reproducible probes.",
+            "Pass torch.Generator().manual_seed(0) for reproducible draws.",
         )

@@ -78,12 +78,23 @@ def mc_sampling(function: str, loss: Any) -> Sampling:
         return Sampling("gumbel", reduction == "mean", loss.ignore_index, loss.label_smoothing)
     if isinstance(loss, nn.MSELoss) and reduction != "none":
         return Sampling("gaussian", reduction == "mean")
+    if isinstance(loss, nn.CrossEntropyLoss) and loss.weight is not None:
+        argument_error(
+            function,
+            "loss",
+            "has class weights, which method='mc' does not sample (its rows are those of "
+            "the unweighted softmax)",
+            loss,
+            "Drop weight=, or pass method='exact' (its exact Hessian, weights included).",
+        )
     argument_error(
         function,
         "loss",
         "has no sampled curvature: method='mc' draws from the predictive distribution of "
         "F.cross_entropy / nn.CrossEntropyLoss (without class weights) or F.mse_loss / "
-        "nn.MSELoss (a reduction of 'mean' or 'sum'), passed as themselves",
+        "nn.MSELoss (a reduction of 'mean' or 'sum'), passed as themselves (a "
+        "functools.partial or a wrapper is not recognised: nn.CrossEntropyLoss("
+        "label_smoothing=...) takes the options)",
         loss,
         "Pass one of those losses, or method='exact' (any loss: its exact Hessian).",
     )

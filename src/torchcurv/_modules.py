@@ -853,6 +853,19 @@ def _run_prepared(call: _Call) -> Any:
 _MODELS: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
+def _less(request: Request) -> str:
+    """What of the function's own options asks for a smaller result, as advice."""
+    less = []
+    if request.objective.wrt != "inputs":
+        less.append("a few parameters with params=")
+    if request.quantity not in GGN_QUANTITIES and request.out_numel > 1:
+        less.append("one output with output=")
+    diagonal = {"hessian": "per_sample_hessian_diag", "ggn": "per_sample_ggn_diag"}
+    if request.quantity in diagonal:
+        less.append(f"the diagonal: torchcurv.{diagonal[request.quantity]}")
+    return f", or ask for less ({', '.join(less)})" if less else ""
+
+
 def _plan(
     request: Request,
     engine: Engine,
@@ -880,9 +893,7 @@ def _plan(
             f"the result of all {size} samples alone takes {format_bytes(size * result_bytes)}"
             f" ({format_bytes(result_bytes)} per sample). Pass memory_budget of at least "
             f"{format_bytes(size * result_bytes)} plus room for the computation, fewer "
-            "samples per call, or ask for less "
-            "(a few parameters with params=, one output with output=, or a diagonal: "
-            "torchcurv.per_sample_hessian_diag)."
+            f"samples per call{_less(request)}."
         )
     # Measurements depend on the structure, shapes and options, not on the budget: the
     # default budget (a fraction of the memory available now) changes from call to call.
@@ -1346,7 +1357,10 @@ def per_sample_ggn(
         params: Which parameters, see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
         argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
-        mode: The mode of the loss Hessian: a `torchcurv.hessian` mode or ``"auto"``.
+        mode: ``"auto"``, ``"structured"`` (diagonals of parameters, by backpropagation
+            over the traced graph) or a `torchcurv.hessian` mode: the generic engine
+            (per-sample vector-Jacobian products, ``[C, P]``), the loss Hessian taken in
+            that mode.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, outputs)``:
             the second axis runs over the module output's ``C`` entries (the
             vector-Jacobian products).
@@ -1432,7 +1446,10 @@ def per_sample_ggn_diag(
         params: Which parameters, see `torchcurv.functional`.
         kwargs: Keyword arguments for the forward, the same for every sample.
         argnums: Which positional inputs to differentiate (see `per_sample_hessian`).
-        mode: The mode of the loss Hessian: a `torchcurv.hessian` mode or ``"auto"``.
+        mode: ``"auto"``, ``"structured"`` (diagonals of parameters, by backpropagation
+            over the traced graph) or a `torchcurv.hessian` mode: the generic engine
+            (per-sample vector-Jacobian products, ``[C, P]``), the loss Hessian taken in
+            that mode.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, outputs)``.
         memory_budget: Bytes or a size such as ``"2GiB"``.
         randomness: ``"error"``, ``"different"`` or ``"same"``.

@@ -862,8 +862,10 @@ def budget_after_setup(function: str, memory_budget: Any, inputs: Any) -> int:
         raise MemoryBudgetError(
             f"{function}: memory_budget of {format_bytes(budget)} cannot be met in this "
             "process yet: torch's one-time set-up of its derivative machinery adds up to "
-            f"{format_bytes(TORCH_SETUP_BYTES)} on its first use (and stays; later calls "
-            "do not pay it). Call torchcurv.initialize() once before budgeted calls (and "
-            "before you read the process's memory), or pass a larger memory_budget."
+            f"{format_bytes(TORCH_SETUP_BYTES)} on its first use in a process (it stays, "
+            "and is paid once), and only torchcurv.initialize() pays it at a known moment "
+            "(earlier calls may have paid part of it, or none). Call torchcurv.initialize() "
+            "once before budgeted calls (and before you read the process's memory), or pass "
+            "a larger memory_budget."
         )
     return max(1, budget - max(initialize(), 0))
