@@ -109,6 +109,21 @@ CASES = {
     "relu": (lambda: _mlp(nn.ReLU()), (5,)),
     "mixed": (Mixed, (5,)),
     "cnn": (Cnn, (1, 4, 4)),
+    "conv-transpose": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(1, 2, 3, stride=2, padding=1), nn.Tanh(),
+            nn.ConvTranspose2d(2, 1, 2), nn.Flatten(), nn.Linear(16, 2),
+        ),
+        (1, 2, 2),
+    ),
+    "elementwise-zoo": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6), nn.CELU(), nn.Linear(6, 6), nn.SELU(), nn.Linear(6, 6),
+            nn.Softsign(), nn.Linear(6, 6), nn.Hardswish(), nn.Linear(6, 6), nn.Hardshrink(0.05),
+            nn.Linear(6, 6), nn.Softshrink(0.1), nn.Linear(6, 2),
+        ),
+        (5,),
+    ),
     "transformer": (Transformer, (3, 4)),
     "attention-layer-norm": (AttentionNorm, (3, 4)),
     "attention-by-hand": (ByHand, (3, 4)),
@@ -200,16 +215,16 @@ class Recurrent(nn.Module):
         return self.lstm(x)[0].sum((-1, -2))  # type: ignore[no-any-return]
 
 
-class CumulativeSum(nn.Module):
+class Padded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(torch.cumsum(x, dim=-1)).sum(-1)
+        return torch.tanh(F.pad(x, (1, 1))).sum(-1)
 
 
 @pytest.mark.parametrize(
     ("make", "shape", "options", "why"),
     [
         (Recurrent, (3, 4), {}, "no rule for lstm (LSTM)"),
-        (CumulativeSum, (4,), {}, "no rule for cumsum"),
+        (Padded, (4,), {}, "no rule for pad"),
         (lambda: _mlp(nn.Tanh()), (5,), {"loss": F.cross_entropy, "targets": "classes"},
          "a loss is not traced"),
     ],
@@ -309,3 +324,29 @@ def test_hutchinson_traces_equal_those_of_the_hessian_vector_products(
 
     for g, e in zip(gradients("taylor"), gradients("rev-over-rev"), strict=True):
         assert_trees_close(g, e)
+
+
+class Reshaping(nn.Module):
+    """Shapes read from the input, flips, cumulative sums, batched transposes, and a
+    tuple output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.linear(x.reshape(x.shape[0], 8)))
+        h = h.view(x.size(0), 2, 4).flip(-1).cumsum(-1).mT.mT
+        return (F.celu(h) * torch.clamp(h, -0.5, 0.5)).sum((1, 2)), x
+
+
+def test_shapes_read_from_the_input_and_tuple_outputs() -> None:
+    torch.manual_seed(0)
+    model, X = Reshaping().to(D), torch.randn(3, 2, 4, dtype=D)
+    options: dict[str, Any] = {"output": lambda out: out[0]}
+    assert torchcurv.explain(torchcurv.per_sample_laplacian, model, X, **options).engine == (
+        "taylor"
+    )
+    got = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
+    assert_trees_close(got, torchcurv.per_sample_laplacian(model, X, mode="rev-over-rev",
+                                                           **options))  # fmt: skip

@@ -253,7 +253,8 @@ def _has_hooks(module: nn.Module) -> str | None:
 
 
 def _live_args(n: fx.Node, live: set[str]) -> list[int]:
-    """Positions of the arguments of `n` that depend on the differentiated parameters."""
+    """Positions of the arguments of `n` that depend on the differentiated tensors (the
+    `live` nodes; -1 for a keyword argument)."""
     found = []
     for i, arg in enumerate(n.args):
         nodes: list[fx.Node] = []

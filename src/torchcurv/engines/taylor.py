@@ -62,6 +62,7 @@ from .diagonals import (
     _SUM_METHODS,
     _SUMS,
     _has_hooks,
+    _live_args,
     _plain_module,
 )
 
@@ -69,7 +70,10 @@ __all__ = ["TaylorEngine"]
 
 QUANTITIES = ("trace", "diagonal")
 # Layers affine in their input: the derivative parts go through them without the bias.
-_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AFFINE = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)  # fmt: skip
 _PRODUCTS = {operator.mul, torch.mul}
 _SEQUENCES = {torch.cat, torch.stack}
 # Piecewise-linear ops that are not elementwise: linearised at the value.
@@ -77,15 +81,28 @@ _MAX_POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
-# More elementwise functions (the activations' lists are shared with the diagonals).
+# More elementwise functions (the activations' lists are shared with the diagonals); s'
+# and s'' derived by forward mode, piecewise ones almost everywhere.
 _ELEMENTWISE_FUNCTIONS = {
     torch.log, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.log1p,
-    torch.expm1, torch.atan, torch.sinh, torch.cosh, torch.tan, torch.asinh,
+    torch.expm1, torch.atan, torch.sinh, torch.cosh, torch.tan, torch.asinh, torch.erfc,
+    F.celu, F.selu, F.softsign, F.tanhshrink, F.hardswish, F.hardsigmoid, torch.clamp,
+    torch.clip,
 }  # fmt: skip
 _ELEMENTWISE_METHODS = {
     "log", "sqrt", "rsqrt", "reciprocal", "square", "log1p", "expm1", "atan", "sinh", "cosh",
-    "tan", "asinh", "pow", "__pow__",
+    "tan", "asinh", "pow", "__pow__", "clamp", "clip",
 }  # fmt: skip
+_ELEMENTWISE_MODULES = (
+    nn.CELU, nn.SELU, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Hardswish,
+    nn.Hardsigmoid,
+)  # fmt: skip
+# Piecewise-linear elementwise modules.
+_PIECEWISE_MODULES = (nn.Hardshrink, nn.Softshrink, nn.Threshold)
+# Linear ops beyond the diagonals' list (there only linearity in parameters matters).
+_MORE_LINEAR_FUNCTIONS = {torch.flip, torch.roll, torch.cumsum, torch.diagonal, torch.tile}
+_MORE_LINEAR_METHODS = {"flip", "roll", "cumsum", "repeat", "diagonal", "tile", "movedim"}
+_LINEAR_ATTRIBUTES = {"T", "mT"}
 _POWERS = {operator.pow, torch.pow}
 # Smooth ops of one or more jets without a cheaper rule (vector-valued: softmax, norms,
 # attention; bilinear: matmul of two jets; quotients): first derivatives by a
@@ -101,8 +118,8 @@ _SMOOTH_METHODS = {
     "logsumexp", "norm",
 }  # fmt: skip
 _SMOOTH_MODULES = (
-    nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.MultiheadAttention,
-    nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+    nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+    nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 )  # fmt: skip
 # Ops that read only the shape, dtype or device of a jet: their results are constants.
 _SHAPE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
@@ -138,6 +155,10 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "piecewise"
         if one and _plain_module(layer, _KINKED_MODULES):
             return "kinked"
+        if one and _plain_module(layer, _ELEMENTWISE_MODULES):
+            return "curved"
+        if one and _plain_module(layer, _PIECEWISE_MODULES):
+            return "kinked"
         if one and _plain_module(layer, _LINEAR_MODULES):
             return "linear"
         if one and isinstance(layer, nn.modules.dropout._DropoutNd):
@@ -151,6 +172,10 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES
         ):
             return "shape"
+        if one and target is getattr and len(n.args) > 1 and n.args[1] in _LINEAR_ATTRIBUTES:
+            return "linear"
+        if one and target in _MORE_LINEAR_FUNCTIONS:
+            return "linear"
         if target in _SUMS:
             return "sum"
         if target in _PRODUCTS and len(live) == 2:
@@ -172,7 +197,7 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
         name = str(n.target)
         if name in _SHAPE_METHODS or (name in _AS_METHODS and 0 not in live):
             return "shape"
-        if one and name in _AS_METHODS:
+        if one and (name in _AS_METHODS or name in _MORE_LINEAR_METHODS):
             return "linear"
         if name in _SUM_METHODS:
             return "sum"
@@ -197,23 +222,6 @@ def _random(layer: nn.Module) -> bool:
         isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         for m in layer.modules()
     )
-
-
-def _live_positions(n: fx.Node, live: set[str]) -> list[int]:
-    """Positions of the arguments of `n` that depend on the differentiated input (-1 for
-    a keyword argument)."""
-    found = []
-    for i, arg in enumerate(n.args):
-        nodes: list[fx.Node] = []
-        fx.node.map_arg(arg, nodes.append)
-        if any(m.name in live for m in nodes):
-            found.append(i)
-    for arg in n.kwargs.values():
-        nodes = []
-        fx.node.map_arg(arg, nodes.append)
-        if any(m.name in live for m in nodes):
-            found.append(-1)
-    return found
 
 
 @dataclass
@@ -251,7 +259,7 @@ def _analyse(request: Request) -> _Plan | str:
     for n in graph.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
             continue
-        positions = _live_positions(n, live)
+        positions = _live_args(n, live)
         if not positions or n.op == "output":
             continue
         kind = _kind(n, module, positions)
@@ -261,7 +269,8 @@ def _analyse(request: Request) -> _Plan | str:
                 what = f"{n.target} ({type(module.get_submodule(str(n.target))).__name__})"
             return f"it has no rule for {what!s} (node {n.name!r})"
         kinds[n.name] = kind
-        live.add(n.name)
+        if kind != "shape":  # a shape, dtype or device is a constant
+            live.add(n.name)
     return _Plan(graph, kinds, position)
 
 
@@ -381,9 +390,24 @@ class TaylorEngine:
             ]
             with corrected_ops() if obj.routed else nullcontext():
                 out = run.run(*given)
-            if not isinstance(out, Jet):  # the output does not depend on x
-                out = Jet(out, out.new_zeros(len(rows), *out.shape), out.new_zeros(k, *out.shape))
-            second = torch.vmap(lambda part: obj._objective(part, target))(out.second)
+            # the second-order parts of the output (a tensor or a pytree: zeros where a
+            # leaf does not depend on x), then the objective's selection of them
+            leaves, spec = tree_flatten(out, is_leaf=_is_jet)
+            parts = [
+                leaf.second if _is_jet(leaf) else leaf.new_zeros(k, *leaf.shape)
+                for leaf in leaves
+                if _is_jet(leaf) or isinstance(leaf, Tensor)
+            ]
+
+            def select(*ts: Tensor) -> Tensor:
+                given = iter(ts)
+                filled = [
+                    next(given) if _is_jet(leaf) or isinstance(leaf, Tensor) else leaf
+                    for leaf in leaves
+                ]
+                return obj._objective(tree_unflatten(filled, spec), target)
+
+            second = torch.vmap(select)(*parts)
             if collapse:
                 return second[0]
             # [R, *y] -> [*y, *x]: the diagonal's entries last, as the other engines
@@ -477,7 +501,12 @@ class _Run(fx.Interpreter):
         def apply(t: Tensor, b: Tensor | None) -> Tensor:
             if isinstance(layer, nn.Linear):
                 return torch.nn.functional.linear(t, weight, b)
-            return layer._conv_forward(t, weight, b)  # type: ignore[no-any-return]
+            if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return layer._conv_forward(t, weight, b)  # type: ignore[no-any-return]
+            local = {"weight": weight}
+            if bias is not None:  # the derivative parts see a zero bias
+                local["bias"] = bias if b is not None else torch.zeros_like(bias)
+            return torch.func.functional_call(layer, local, (t,))  # type: ignore[no-any-return]
 
         parts = torch.vmap(lambda t: apply(t, None))
         return Jet(apply(u.value, bias), parts(u.first), parts(u.second))
