@@ -350,3 +350,28 @@ def test_shapes_read_from_the_input_and_tuple_outputs() -> None:
     got = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
     assert_trees_close(got, torchcurv.per_sample_laplacian(model, X, mode="rev-over-rev",
                                                            **options))  # fmt: skip
+
+
+def test_chunks_of_directions_and_budgets_change_nothing() -> None:
+    """The outer axis runs over the directions: a Laplacian adds its chunks' sums, a
+    diagonal concatenates their entries; a tight budget chunks them."""
+    model, X = _case("cnn")
+    options: dict[str, Any] = {"output": 1, "coordinates": [0, 3, 7, 9, 11],
+                               "weights": [1.0, 2.0, -1.0, 0.5, 3.0]}  # fmt: skip
+    whole = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)
+    diagonal = torchcurv.per_sample_hessian_diag(model, X, mode="taylor")
+    for chunk in [(None, 1, 2), (1, 1, 3), 2, (None, None, 16)]:
+        got = torchcurv.per_sample_laplacian(model, X, mode="taylor", chunk_size=chunk, **options)
+        assert_trees_close(got, whole, rtol=0, atol=1e-14)
+        assert_trees_close(
+            torchcurv.per_sample_hessian_diag(model, X, mode="taylor", chunk_size=chunk),
+            diagonal, rtol=0, atol=1e-14,
+        )  # fmt: skip
+    torchcurv.initialize()
+    budget = 12_000
+    decision = torchcurv.explain(
+        torchcurv.per_sample_laplacian, model, X, mode="taylor", memory_budget=budget, output=0
+    )
+    assert decision.basis_chunks[1] < 16  # the 16 directions in chunks
+    tight = torchcurv.per_sample_laplacian(model, X, mode="taylor", memory_budget=budget, output=0)
+    assert_trees_close(tight, torchcurv.per_sample_laplacian(model, X, mode="taylor", output=0))

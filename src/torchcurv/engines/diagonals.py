@@ -536,22 +536,31 @@ def _sample_diagonal(
     }
 
 
-def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
-    """The plan of `obj`'s module, or why there is none."""
-    module = obj.module
-    hooks = _has_hooks(module)
+def traced(obj: Objective) -> fx.GraphModule | str:
+    """The torch.fx graph of `obj`'s module (standard ``torch.nn`` layers are its
+    leaves), or why a graph engine cannot take it: hooks (the interpreter would not run
+    them), a forward that writes buffers, or one torch.fx cannot trace."""
+    hooks = _has_hooks(obj.module)
     if hooks:
         return hooks
     if obj.written:
         return "the forward writes buffers"
-    every = list(module.named_parameters(remove_duplicate=False))
-    if len({id(p) for _, p in every}) != len(every):
-        return "parameters are shared between modules (tied weights)"
     try:
-        graph = fx.symbolic_trace(module)
+        return fx.symbolic_trace(obj.module)
     except Exception as error:  # tracing fails in many ways, none of them ours
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return f"torch.fx cannot trace the module ({type(error).__name__}: {first})"
+
+
+def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
+    """The plan of `obj`'s module, or why there is none."""
+    module = obj.module
+    every = list(module.named_parameters(remove_duplicate=False))
+    if len({id(p) for _, p in every}) != len(every):
+        return "parameters are shared between modules (tied weights)"
+    graph = traced(obj)
+    if isinstance(graph, str):
+        return graph
     requested = set(obj.params)
     plan = _Plan(graph)
     calls: dict[str, int] = {}

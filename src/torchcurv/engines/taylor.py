@@ -61,9 +61,9 @@ from .diagonals import (
     _SCALINGS,
     _SUM_METHODS,
     _SUMS,
-    _has_hooks,
     _live_args,
     _plain_module,
+    traced,
 )
 
 __all__ = ["TaylorEngine"]
@@ -240,16 +240,9 @@ def _analyse(request: Request) -> _Plan | str:
     if obj.wrt != "inputs" or not obj.single:
         return "it differentiates one input tensor (wrt='inputs', one argnum)"
     module = obj.module
-    hooks = _has_hooks(module)
-    if hooks:
-        return hooks
-    if obj.written:
-        return "the forward writes buffers"
-    try:
-        graph = fx.symbolic_trace(module)
-    except Exception as error:  # tracing fails in many ways, none of them ours
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"torch.fx cannot trace the module ({type(error).__name__}: {first})"
+    graph = traced(obj)
+    if isinstance(graph, str):
+        return graph
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     position = obj.argnums[0]
     if position >= len(placeholders):
@@ -338,7 +331,14 @@ class TaylorEngine:
         return not isinstance(plan, str) and "smooth" not in plan.kinds.values()
 
     def axes(self, request: Request) -> tuple[int, ...]:
-        return ()
+        """``(1, directions)``: the outer axis, as the Hessian-vector products' outer
+        stage, runs over the directions (the coordinates' basis vectors, or the probes);
+        a chunk of them runs the forward with its own tangents, a Laplacian adds the
+        chunks' sums, a diagonal concatenates their entries. No inner axis."""
+        if request.method == "hutchinson":
+            return (1, request.num_samples or 0)
+        n = request.in_numel
+        return (1, n if request.coordinates is None else len(request.coordinates))
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
@@ -369,11 +369,28 @@ class TaylorEngine:
             mask = torch.zeros(n, dtype=like.dtype, device=like.device)
             mask[list(coordinates) if coordinates is not None else slice(None)] = 1.0
 
+        chunk = chunks[1] if len(chunks) > 1 else None
+
         def quantity(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
             del buffers
             inputs = obj._split(diff, xs)[1]
             x = inputs[plan.position]
             rows = vectors * mask if probes else basis
+            if chunk is None or chunk >= len(rows):
+                return along(inputs, x, target, rows, weights)
+            pieces = [
+                along(inputs, x, target, part, None if weights is None else weights[i : i + chunk])
+                for i, part in zip(range(0, len(rows), chunk), rows.split(chunk), strict=True)
+            ]
+            if collapse:
+                return torch.stack(pieces).sum(0)
+            return torch.cat(pieces, dim=-1)
+
+        def along(
+            inputs: tuple[Any, ...], x: Tensor, target: Any, rows: Tensor, w: Tensor | None
+        ) -> Tensor:
+            """The quantity's part along the directions `rows` (``[r, n]``): a sum for a
+            Laplacian, ``[*y, r]`` entries for a diagonal."""
             directions = rows.reshape(len(rows), 1, *x.shape)
             k = 1 if collapse else len(rows)
             seed = Jet(
@@ -381,7 +398,7 @@ class TaylorEngine:
                 directions,
                 torch.zeros(k, 1, *x.shape, dtype=x.dtype, device=x.device),
             )
-            run = _Run(plan, state, seed, weights if collapse else None, collapse)
+            run = _Run(plan, state, seed, w if collapse else None, collapse)
             given = [seed if i == plan.position else v.unsqueeze(0) for i, v in enumerate(inputs)]
             placeholders = [p for p in plan.graph.graph.nodes if p.op == "placeholder"]
             given += [
@@ -410,10 +427,16 @@ class TaylorEngine:
             second = torch.vmap(select)(*parts)
             if collapse:
                 return second[0]
-            # [R, *y] -> [*y, *x]: the diagonal's entries last, as the other engines
-            return second.movedim(0, -1).reshape(*second.shape[1:], *x.shape)
+            return second.movedim(0, -1)  # [*y, r]: the diagonal's entries last
 
-        func = with_nones(quantity, absent, len(obj.in_dims()))
+        def quantity_of(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
+            result = quantity(diff, xs, target, buffers, vectors)
+            if collapse:
+                return result
+            x = obj._split(diff, xs)[1][plan.position]
+            return result.reshape(*result.shape[:-1], *x.shape)  # [*y, *x], as the others
+
+        func = with_nones(quantity_of, absent, len(obj.in_dims()))
         work = vmapped(func, obj.in_dims(), 0, request.randomness, absent)
         if not probes:
             return work
