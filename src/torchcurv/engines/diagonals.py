@@ -51,12 +51,29 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._compat import global_module_hooks
 from .._decompositions import corrected_ops
 from .._losses import Sampling, curvature, mc_sampling, sampled_rows
 from .._objective import Objective
 from .._runner import Work, draws, vmapped, with_draws, with_nones
 from . import Request
+from ._graph import (
+    CURVED_FUNCTIONS,
+    CURVED_METHODS,
+    CURVED_MODULES,
+    KINKED_FUNCTIONS,
+    KINKED_METHODS,
+    KINKED_MODULES,
+    LINEAR_FUNCTIONS,
+    LINEAR_METHODS,
+    LINEAR_MODULES,
+    SCALING_METHODS,
+    SCALINGS,
+    SUM_METHODS,
+    SUMS,
+    live_args,
+    plain_module,
+    traced,
+)
 
 __all__ = ["ParameterDiagonals"]
 
@@ -65,67 +82,6 @@ QUANTITIES = ("diagonal", "ggn_diagonal")
 # The layers whose outputs are tapped: their weight's diagonal is the contraction of the
 # rows' output derivatives with the (patches of the) inputs, token by token.
 _TAPPED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# Modules, functions and methods linear in their (one) parameter-dependent argument.
-_LINEAR_MODULES = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-_SUMS = {operator.add, operator.sub, torch.add, torch.sub, torch.cat, torch.stack}
-_LINEAR_FUNCTIONS = {
-    operator.neg,
-    operator.pos,
-    operator.getitem,
-    torch.flatten,
-    torch.reshape,
-    torch.sum,
-    torch.mean,
-    torch.transpose,
-    torch.permute,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.neg,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-}
-_SCALINGS = {operator.mul, operator.truediv, torch.mul, torch.div}
-_LINEAR_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze",
-    "squeeze", "sum", "mean", "neg", "t", "expand", "unflatten", "__getitem__",
-}  # fmt: skip
-_SUM_METHODS = {"add", "sub"}
-_SCALING_METHODS = {"mul", "div"}
-# Elementwise ops with a second derivative (rows of their own) ...
-_CURVED_FUNCTIONS = {
-    torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu, F.softplus, F.elu,
-    F.mish, F.logsigmoid, torch.sin, torch.cos, torch.exp, torch.erf,
-}  # fmt: skip
-_CURVED_METHODS = {"tanh", "sigmoid", "sin", "cos", "exp", "erf"}
-_CURVED_MODULES = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.SiLU, nn.ELU, nn.Mish)
-# ... and piecewise-linear ones (none; max pooling picks an entry: linear a.e.).
-_KINKED_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.relu6, F.hardtanh}
-_KINKED_METHODS = {"relu"}
-_KINKED_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
 
 
 @dataclass
@@ -230,45 +186,6 @@ def _second_derivative(function: Any, u: Tensor) -> Tensor:
     return second
 
 
-def _plain_module(m: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
-    return (
-        isinstance(m, kinds)
-        and type(m).forward is next(k for k in type(m).__mro__ if k in kinds).forward
-    )
-
-
-def _has_hooks(module: nn.Module) -> str | None:
-    hooks = global_module_hooks()
-    if hooks:
-        return f"global module hooks are registered ({', '.join(hooks)})"
-    for path, m in module.named_modules():
-        if (
-            m._forward_hooks
-            or m._forward_pre_hooks
-            or m._backward_hooks
-            or getattr(m, "_backward_pre_hooks", None)
-        ):
-            return f"the module at {path or '<root>'!r} ({type(m).__name__}) has hooks"
-    return None
-
-
-def _live_args(n: fx.Node, live: set[str]) -> list[int]:
-    """Positions of the arguments of `n` that depend on the differentiated tensors (the
-    `live` nodes; -1 for a keyword argument)."""
-    found = []
-    for i, arg in enumerate(n.args):
-        nodes: list[fx.Node] = []
-        fx.node.map_arg(arg, nodes.append)
-        if any(m.name in live for m in nodes):
-            found.append(i)
-    for arg in n.kwargs.values():
-        nodes = []
-        fx.node.map_arg(arg, nodes.append)
-        if any(m.name in live for m in nodes):
-            found.append(-1)
-    return found
-
-
 def _nonlinear(n: fx.Node, module: nn.Module, positions: list[int]) -> str | None:
     """Why node `n` (with parameter-dependent arguments at `positions`) is neither
     linear in them nor an elementwise activation of one, or None; "curved" / "kinked"
@@ -276,9 +193,9 @@ def _nonlinear(n: fx.Node, module: nn.Module, positions: list[int]) -> str | Non
     one = positions == [0]
     if n.op == "call_module":
         layer = module.get_submodule(str(n.target))
-        if one and _plain_module(layer, _CURVED_MODULES):
+        if one and plain_module(layer, CURVED_MODULES):
             return "curved"
-        if one and _plain_module(layer, (*_KINKED_MODULES, *_LINEAR_MODULES)):
+        if one and plain_module(layer, (*KINKED_MODULES, *LINEAR_MODULES)):
             return None
         if one and isinstance(layer, nn.modules.dropout._DropoutNd):
             return None if not layer.training or layer.p == 0 else "random"
@@ -287,17 +204,17 @@ def _nonlinear(n: fx.Node, module: nn.Module, positions: list[int]) -> str | Non
         return f"layer {n.target!r} ({type(layer).__name__})"
     if n.op == "call_function":
         target: Any = n.target
-        if target in _SUMS or (one and target in _LINEAR_FUNCTIONS):
+        if target in SUMS or (one and target in LINEAR_FUNCTIONS):
             return None
         if (
-            target in _SCALINGS
+            target in SCALINGS
             and len(positions) == 1
             and (positions == [0] or target in (operator.mul, torch.mul))
         ):
             return None
-        if one and target in _CURVED_FUNCTIONS:
+        if one and target in CURVED_FUNCTIONS:
             return "curved"
-        if one and target in _KINKED_FUNCTIONS:
+        if one and target in KINKED_FUNCTIONS:
             return None
         if target is F.dropout and one:
             inert = not n.kwargs.get("training", True) or n.kwargs.get("p") == 0
@@ -305,13 +222,13 @@ def _nonlinear(n: fx.Node, module: nn.Module, positions: list[int]) -> str | Non
         return f"{getattr(target, '__name__', target)!s} (node {n.name!r})"
     if n.op == "call_method":
         name = str(n.target)
-        if name in _SUM_METHODS or (one and name in _LINEAR_METHODS):
+        if name in SUM_METHODS or (one and name in LINEAR_METHODS):
             return None
-        if one and name in _SCALING_METHODS:
+        if one and name in SCALING_METHODS:
             return None
-        if one and name in _CURVED_METHODS:
+        if one and name in CURVED_METHODS:
             return "curved"
-        if one and name in _KINKED_METHODS:
+        if one and name in KINKED_METHODS:
             return None
         return f"the method .{name}() (node {n.name!r})"
     return None
@@ -536,22 +453,6 @@ def _sample_diagonal(
     }
 
 
-def traced(obj: Objective) -> fx.GraphModule | str:
-    """The torch.fx graph of `obj`'s module (standard ``torch.nn`` layers are its
-    leaves), or why a graph engine cannot take it: hooks (the interpreter would not run
-    them), a forward that writes buffers, or one torch.fx cannot trace."""
-    hooks = _has_hooks(obj.module)
-    if hooks:
-        return hooks
-    if obj.written:
-        return "the forward writes buffers"
-    try:
-        return fx.symbolic_trace(obj.module)
-    except Exception as error:  # tracing fails in many ways, none of them ours
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"torch.fx cannot trace the module ({type(error).__name__}: {first})"
-
-
 def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
     """The plan of `obj`'s module, or why there is none."""
     module = obj.module
@@ -570,7 +471,7 @@ def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     for n in graph.graph.nodes:
-        positions = _live_args(n, live)
+        positions = live_args(n, live)
         if n.op == "get_attr":
             if any(r == str(n.target) or r.startswith(str(n.target) + ".") for r in requested):
                 if hessian:
@@ -581,7 +482,7 @@ def _analyse(obj: Objective, *, hessian: bool) -> _Plan | str:
             path = str(n.target)
             layer = module.get_submodule(path)
             mine = {r for r in requested if r.startswith(path + ".")}
-            if mine and _plain_module(layer, _TAPPED) and not (mine & read_directly):
+            if mine and plain_module(layer, _TAPPED) and not (mine & read_directly):
                 if hessian and calls[path] > 1:
                     return f"the layer {path!r} is called {calls[path]} times"
                 weight = f"{path}.weight" if f"{path}.weight" in requested else None

@@ -47,22 +47,22 @@ from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import corrected_ops
 from .._runner import Batch, Work, draws, vmapped, with_draws, with_nones
 from . import Request
-from .diagonals import (
-    _CURVED_FUNCTIONS,
-    _CURVED_METHODS,
-    _CURVED_MODULES,
-    _KINKED_FUNCTIONS,
-    _KINKED_METHODS,
-    _KINKED_MODULES,
-    _LINEAR_FUNCTIONS,
-    _LINEAR_METHODS,
-    _LINEAR_MODULES,
-    _SCALING_METHODS,
-    _SCALINGS,
-    _SUM_METHODS,
-    _SUMS,
-    _live_args,
-    _plain_module,
+from ._graph import (
+    CURVED_FUNCTIONS,
+    CURVED_METHODS,
+    CURVED_MODULES,
+    KINKED_FUNCTIONS,
+    KINKED_METHODS,
+    KINKED_MODULES,
+    LINEAR_FUNCTIONS,
+    LINEAR_METHODS,
+    LINEAR_MODULES,
+    SCALING_METHODS,
+    SCALINGS,
+    SUM_METHODS,
+    SUMS,
+    live_args,
+    plain_module,
     traced,
 )
 
@@ -147,23 +147,23 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
     one = live == [0]
     if n.op == "call_module":
         layer = module.get_submodule(str(n.target))
-        if one and _plain_module(layer, _AFFINE):
+        if one and plain_module(layer, _AFFINE):
             return "affine"
-        if one and _plain_module(layer, _CURVED_MODULES):
+        if one and plain_module(layer, CURVED_MODULES):
             return "curved"
-        if one and _plain_module(layer, _MAX_POOLS):
+        if one and plain_module(layer, _MAX_POOLS):
             return "piecewise"
-        if one and _plain_module(layer, _KINKED_MODULES):
+        if one and plain_module(layer, KINKED_MODULES):
             return "kinked"
-        if one and _plain_module(layer, _ELEMENTWISE_MODULES):
+        if one and plain_module(layer, _ELEMENTWISE_MODULES):
             return "curved"
-        if one and _plain_module(layer, _PIECEWISE_MODULES):
+        if one and plain_module(layer, _PIECEWISE_MODULES):
             return "kinked"
-        if one and _plain_module(layer, _LINEAR_MODULES):
+        if one and plain_module(layer, LINEAR_MODULES):
             return "linear"
         if one and isinstance(layer, nn.modules.dropout._DropoutNd):
             return "linear" if not layer.training or layer.p == 0 else None
-        if _plain_module(layer, _SMOOTH_MODULES) and not _random(layer):
+        if plain_module(layer, _SMOOTH_MODULES) and not _random(layer):
             return "smooth"
         return None
     if n.op == "call_function":
@@ -176,17 +176,17 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "linear"
         if one and target in _MORE_LINEAR_FUNCTIONS:
             return "linear"
-        if target in _SUMS:
+        if target in SUMS:
             return "sum"
         if target in _PRODUCTS and len(live) == 2:
             return "product"
-        if target in _SCALINGS and (live == [0] or (target in _PRODUCTS and len(live) == 1)):
+        if target in SCALINGS and (live == [0] or (target in _PRODUCTS and len(live) == 1)):
             return "linear"
-        if one and target in _LINEAR_FUNCTIONS:
+        if one and target in LINEAR_FUNCTIONS:
             return "linear"
-        if one and target in _CURVED_FUNCTIONS:
+        if one and target in CURVED_FUNCTIONS:
             return "curved"
-        if one and (target in _KINKED_FUNCTIONS or target is torch.abs):
+        if one and (target in KINKED_FUNCTIONS or target is torch.abs):
             return "kinked"
         if one and (target in _ELEMENTWISE_FUNCTIONS or target in _POWERS):
             return "curved"
@@ -199,15 +199,15 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "shape"
         if one and (name in _AS_METHODS or name in _MORE_LINEAR_METHODS):
             return "linear"
-        if name in _SUM_METHODS:
+        if name in SUM_METHODS:
             return "sum"
         if name == "mul" and len(live) == 2:
             return "product"
-        if one and (name in _LINEAR_METHODS or name in _SCALING_METHODS):
+        if one and (name in LINEAR_METHODS or name in SCALING_METHODS):
             return "linear"
-        if one and name in _CURVED_METHODS:
+        if one and name in CURVED_METHODS:
             return "curved"
-        if one and (name in _KINKED_METHODS or name == "abs"):
+        if one and (name in KINKED_METHODS or name == "abs"):
             return "kinked"
         if one and name in _ELEMENTWISE_METHODS:
             return "curved"
@@ -252,7 +252,7 @@ def _analyse(request: Request) -> _Plan | str:
     for n in graph.graph.nodes:
         if n.op in ("placeholder", "get_attr"):
             continue
-        positions = _live_args(n, live)
+        positions = live_args(n, live)
         if not positions or n.op == "output":
             continue
         kind = _kind(n, module, positions)
@@ -637,7 +637,7 @@ def _closed_name(n: fx.Node, module: nn.Module) -> str | None:
     if n.op == "call_module":
         layer = module.get_submodule(str(n.target))
         kinds = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-        return next((v for k, v in kinds.items() if _plain_module(layer, (k,))), None)
+        return next((v for k, v in kinds.items() if plain_module(layer, (k,))), None)
     if n.op == "call_method":
         return str(n.target) if n.target in ("tanh", "sigmoid") else None
     functions: dict[Any, str] = {
