@@ -525,8 +525,9 @@ def test_parameter_diagonals_equal_the_whole_matrices(model: nn.Module, data: An
 )
 @at_most(150)
 def test_taylor_mode_equals_the_hessian_vector_products(model: nn.Module, data: Any) -> None:
-    """Laplacians (with coordinates and weights) and input-Hessian diagonals; a model
-    with an op Taylor mode has no rule for is refused by name."""
+    """Laplacians (with coordinates and weights or sigma, shared or per sample) and
+    input-Hessian diagonals; a model with an op Taylor mode has no rule for is refused
+    by name."""
     model = model.double()
     X = data.draw(tcs.inputs_for(model, max_batch=3), label="X").double()
     n = X[0].numel()
@@ -538,7 +539,17 @@ def test_taylor_mode_equals_the_hessian_vector_products(model: nn.Module, data: 
             st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True), label="coords"
         )
         options["coordinates"] = coordinates
-        options["weights"] = [float(w) for w in torch.randn(len(coordinates))]
+        coefficient = data.draw(
+            st.sampled_from(["weights", "per-sample weights", "sigma", "per-sample sigma"]),
+            label="coefficient",
+        )
+        shape = (len(coordinates), data.draw(st.integers(1, 3), label="K"))
+        if coefficient.startswith("per-sample"):
+            shape = (len(X), *shape)
+        if coefficient.endswith("weights"):
+            options["weights"] = torch.randn(*shape[:-1], dtype=torch.float64)
+        else:
+            options["sigma"] = torch.randn(*shape, dtype=torch.float64)
     refused = None
     try:
         got = torchcurv.per_sample_laplacian(model, X, mode="taylor", **options)

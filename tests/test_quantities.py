@@ -374,6 +374,166 @@ def test_bad_coordinates_and_weights_are_refused(options: dict[str, Any], messag
         torchcurv.per_sample_laplacian(pinn().to(D), torch.randn(2, 3, dtype=D), **options)
 
 
+def _loop_hessians(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """One sample's input Hessian at a time, by the reference loop: ``[B, n, n]``."""
+    return torch.stack([reference.hessian(lambda x: model(x)[0])(x) for x in X])
+
+
+@pytest.mark.parametrize("chunk", ["auto", None, (2, 1, 1)], ids=str)
+@pytest.mark.parametrize("mode", [*MODES, "structured", "taylor"])
+def test_sigma_and_per_sample_weights_against_the_loop(mode: str, chunk: Any) -> None:
+    """``tr(sigma sigma^T H) = sum_k d_k^T H d_k`` with sigma the same for every sample or
+    one per sample, over all entries or some coordinates, and weights per sample."""
+    model = pinn().to(D)
+    X = torch.randn(5, 3, dtype=D)
+    H = _loop_hessians(model, X)
+    sigma, sigmas, few = (torch.randn(*s, dtype=D) for s in ((3, 4), (5, 3, 2), (5, 2, 3)))
+    w = torch.randn(5, 2, dtype=D)
+
+    def call(**options: Any) -> torch.Tensor:
+        return torchcurv.per_sample_laplacian(  # type: ignore[no-any-return]
+            model, X, output=0, mode=mode, chunk_size=chunk, **options
+        )
+
+    assert_trees_close(call(sigma=sigma), torch.einsum("bij,ik,jk->b", H, sigma, sigma))
+    assert_trees_close(call(sigma=sigmas), torch.einsum("bij,bik,bjk->b", H, sigmas, sigmas))
+    sub = H[:, [2, 0]][:, :, [2, 0]]  # coordinates [2, 0]: sigma's rows are theirs
+    assert_trees_close(
+        call(sigma=few, coordinates=[2, 0]), torch.einsum("bij,bik,bjk->b", sub, few, few)
+    )
+    diagonal = H.diagonal(dim1=1, dim2=2)
+    assert_trees_close(call(weights=w, coordinates=[2, 0]), (diagonal[:, [2, 0]] * w).sum(1))
+    every = torch.randn(5, 3, dtype=D)  # flat over a sample's entries, without coordinates
+    assert_trees_close(call(weights=every), (diagonal * every).sum(1))
+
+
+def test_sigma_on_images_and_vector_outputs() -> None:
+    """Sigma's rows run over one sample's entries in flat order, for any shape; every
+    output entry gets its own trace."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).to(D)
+    X = torch.randn(3, 1, 3, 3, dtype=D)
+    H = torchcurv.per_sample_hessian(model, X, mode="rev-over-rev").reshape(3, 2, 9, 9)
+    sigmas = torch.randn(3, 9, 5, dtype=D)
+    expected = torch.einsum("byij,bik,bjk->by", H, sigmas, sigmas)
+    for mode in ("auto", "fwd-over-rev", "taylor"):
+        got = torchcurv.per_sample_laplacian(model, X, sigma=sigmas, mode=mode)
+        assert_trees_close(got, expected)
+    weights = torch.randn(3, 1, 3, 3, dtype=D)  # per sample, in the sample's shape
+    got = torchcurv.per_sample_laplacian(model, X, weights=weights)
+    diagonal = H.diagonal(dim1=2, dim2=3)
+    assert_trees_close(got, (diagonal * weights.reshape(3, 1, 9)).sum(-1))
+
+
+@pytest.mark.parametrize("mode", ["fwd-over-rev", "rev-over-rev", "taylor"])
+def test_hutchinson_with_one_column_of_sigma_is_exact(mode: str) -> None:
+    """With one column ``s``, every probe is ``v = +-s`` and ``v^T H v = s^T H s``; with
+    weights on one coordinate, ``(w v) . (H v) = w H_ii``: the estimates are exact."""
+    model = pinn().to(D)
+    X = torch.randn(4, 3, dtype=D)
+    H = _loop_hessians(model, X)
+    sigmas = torch.randn(4, 3, 1, dtype=D)
+    got = torchcurv.per_sample_laplacian(
+        model, X, output=0, sigma=sigmas, method="hutchinson", num_samples=3, mode=mode
+    )
+    assert_trees_close(got, torch.einsum("bij,bi,bj->b", H, sigmas[..., 0], sigmas[..., 0]))
+    if mode == "taylor":
+        return  # a weighted Hutchinson trace needs H v (refused, tested below)
+    w = torch.randn(4, 1, dtype=D)
+    got = torchcurv.per_sample_laplacian(
+        model, X, output=0, coordinates=[1], weights=w, method="hutchinson", num_samples=2,
+        mode=mode,
+    )  # fmt: skip
+    assert_trees_close(got, w[:, 0] * H[:, 1, 1])
+
+
+def test_taylor_and_hessian_vector_products_share_sigmas_probes() -> None:
+    model = pinn().to(D)
+    X = torch.randn(6, 3, dtype=D)
+    sigmas = torch.randn(6, 3, 5, dtype=D)
+    estimates = [
+        torchcurv.per_sample_laplacian(
+            model, X, output=0, sigma=sigmas, method="hutchinson", num_samples=7,
+            generator=torch.Generator().manual_seed(3), mode=mode, chunk_size=chunk,
+        )
+        for mode, chunk in (("taylor", "auto"), ("fwd-over-rev", (4, 2, 3)))
+    ]  # fmt: skip
+    assert_trees_close(estimates[0], estimates[1])
+    exact = torchcurv.per_sample_laplacian(model, X, output=0, sigma=sigmas)
+    assert not torch.allclose(estimates[0], exact)  # an estimate, from K-entry probes
+
+
+def test_repeated_calls_take_the_new_per_sample_coefficients_and_gradients_flow() -> None:
+    model = pinn().to(D)
+    X = torch.randn(4, 3, dtype=D)
+    H = _loop_hessians(model, X)
+    for seed in range(3):  # one template, new values every call
+        sigmas = torch.randn(4, 3, 2, dtype=D, generator=torch.Generator().manual_seed(seed))
+        got = torchcurv.per_sample_laplacian(model, X, output=0, sigma=sigmas)
+        assert_trees_close(got, torch.einsum("bij,bik,bjk->b", H, sigmas, sigmas))
+        w = sigmas[..., 0]
+        got = torchcurv.per_sample_laplacian(model, X, output=0, weights=w)
+        assert_trees_close(got, (H.diagonal(dim1=1, dim2=2) * w).sum(1))
+    for mode in ("taylor", "fwd-over-rev"):
+        lap = torchcurv.per_sample_laplacian(
+            model, X, output=0, sigma=sigmas, create_graph=True, mode=mode
+        )
+        got = torch.autograd.grad(lap.pow(2).sum(), list(model.parameters()), allow_unused=True,
+                                  materialize_grads=True)  # fmt: skip
+        full = torchcurv.per_sample_hessian(model, X, output=0, create_graph=True)
+        reference_lap = torch.einsum("bij,bik,bjk->b", full, sigmas, sigmas)
+        expected = torch.autograd.grad(reference_lap.pow(2).sum(), list(model.parameters()),
+                                       allow_unused=True, materialize_grads=True)  # fmt: skip
+        assert_trees_close(list(got), list(expected))
+
+
+def test_per_sample_coefficients_are_chunked_with_the_batch() -> None:
+    model = pinn().to(D)
+    X = torch.randn(7, 3, dtype=D)
+    sigmas = torch.randn(7, 3, 4, dtype=D)
+    w = torch.randn(7, 3, dtype=D)
+    for options in ({"sigma": sigmas}, {"weights": w}):
+        whole = torchcurv.per_sample_laplacian(model, X, output=0, chunk_size=None, **options)
+        for mode in ("fwd-over-rev", "taylor"):
+            chunked = torchcurv.per_sample_laplacian(
+                model, X, output=0, mode=mode, chunk_size=(3, 1, 2), **options
+            )
+            assert_trees_close(chunked, whole)
+            tight = torchcurv.per_sample_laplacian(
+                model, X, output=0, mode=mode, memory_budget="24KB", **options
+            )
+            assert_trees_close(tight, whole)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sigma": torch.ones(2, 2)}, r"one row per entry of a sample \(D = 3\)"),
+        ({"sigma": torch.ones(3, 2, 2)}, r"\[B, D, K\] with one per sample \(B = 2\)"),
+        ({"sigma": torch.ones(3)}, r"must be a real matrix \[D, K\]"),
+        ({"sigma": torch.ones(3, 0)}, "at least one column"),
+        ({"sigma": "wide"}, "sigma"),
+        ({"sigma": torch.ones(2, 1), "coordinates": [0]}, r"one row per coordinate \(D = 1\)"),
+        ({"sigma": torch.ones(3, 1), "weights": [1.0, 1.0, 1.0]}, "cannot be combined"),
+        ({"weights": torch.ones(2, 2)}, r"or a row of them per sample \(2 x 3\)"),
+        (
+            {"sigma": torch.ones(3, 1), "method": "hutch++", "num_samples": 6},
+            "sketch has no coordinates, weights or sigma",
+        ),
+        (
+            {"weights": torch.ones(2, 3), "method": "hutchinson", "num_samples": 2,
+             "mode": "taylor"},
+            "Hutchinson estimate is of unweighted traces",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_sigma_and_weights_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(torchcurv.TorchcurvError, match=message):
+        torchcurv.per_sample_laplacian(
+            pinn().to(D), torch.randn(2, 3, dtype=D), output=0, **options
+        )
+
+
 def test_function_level_diagonals_of_scalars() -> None:
     t, xy = torch.tensor(2.0, dtype=D), torch.tensor([0.5, -1.0], dtype=D)
     assert_trees_close(torchcurv.hessian_diag(lambda t: t**3)(t), torch.tensor(12.0, dtype=D))

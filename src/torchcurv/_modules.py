@@ -218,7 +218,7 @@ class _Template:
         r = self.request
         return Request(r.function, obj, r.order, r.randomness, r.out_shape, r.in_numel,
                        r.quantity, r.coordinates, r.weights, r.method, r.num_samples,
-                       r.k, r.model_numel)  # fmt: skip
+                       r.k, r.model_numel, r.sigma, r.per_sample, r.rank)  # fmt: skip
 
     def work(self, chunks: tuple[int | None, ...]) -> Work:
         work = self._works.get(chunks)
@@ -425,6 +425,7 @@ def _prepare(
     quantity: str = "hessian",
     coordinates: Any = None,
     weights: Any = None,
+    sigma: Any = None,
     method: str = "exact",
     num_samples: Any = None,
     generator: Any = None,
@@ -438,20 +439,23 @@ def _prepare(
     (the default budget follows the memory available).
     """
     _check_method(function, quantity, method, num_samples, generator)
+    per_sample = _per_sample_coefficient(inputs, what.get("argnums"), coordinates, weights, sigma)
+    given = {"weights": weights, "sigma": sigma}.get(per_sample or "")
     settings = (function, order, mode, chunk_size, memory_budget, randomness, quantity,
-                _selection_key(coordinates, weights), method, num_samples, k)  # fmt: skip
+                _selection_key(coordinates, weights, sigma, per_sample), method, num_samples,
+                k)  # fmt: skip
     key = None if create_graph else _template_key(inputs, settings, what)
     templates = None if key is None else _TEMPLATES.get(module)
     template = None if templates is None else templates.get(key)
     if template is not None and template.state == module_state(module):
         batch_chunk, axis_chunks = template.chunks
         request = template.request_for(inputs, what["targets"], what.get("vectors"))
-        if method != "exact":  # new probes for every call
-            request.objective.vectors = sample_seeds(request.objective.batch_size(), generator)
+        # new probes for every call, and this batch's coefficients
+        request.objective.vectors = _carried(request, generator, given, request.objective.vectors)
         options = dict(order=order, mode=mode, chunk_size=chunk_size,
                        memory_budget=memory_budget, randomness=randomness,
                        create_graph=create_graph, quantity=quantity, coordinates=coordinates,
-                       weights=weights, method=method, num_samples=num_samples,
+                       weights=weights, sigma=sigma, method=method, num_samples=num_samples,
                        generator=generator, k=k, **what)  # fmt: skip
         again = functools.partial(_prepare_anew, function, module, inputs, options)
         return _decide(request, template, batch_chunk, axis_chunks, memory_budget, None, again)
@@ -469,16 +473,18 @@ def _prepare(
     planning_budget = None
     if memory_budget is not None:  # before the first forward and the probes
         planning_budget = budget_after_setup(function, memory_budget, inputs)
-    obj, size = per_sample_objective(
+    obj, _ = per_sample_objective(
         function, module, inputs, randomness, create_graph=create_graph, **what
     )
-    if method != "exact":  # the probes' seeds, one per sample, passed in batched
-        obj.vectors = sample_seeds(size, generator)
     first = _first_forward(obj)
     in_numel = numel(obj.probe_sample()[0])
+    selection = _selection(function, obj, in_numel, coordinates, weights, sigma, per_sample)
     request = Request(function, obj, order, randomness, first.out_shape, in_numel, quantity,
-                      *_selection(function, obj, in_numel, coordinates, weights), method,
-                      num_samples)  # fmt: skip
+                      selection.coordinates, selection.weights, method, num_samples,
+                      sigma=selection.sigma, per_sample=per_sample,
+                      rank=selection.rank)  # fmt: skip
+    # the probes' seeds, one per sample, and per-sample coefficients, passed in batched
+    obj.vectors = _carried(request, generator, given, obj.vectors)
     if quantity == "eigvalsh":
         request = _eigen_request(request, k, num_samples)
     if quantity in GGN_QUANTITIES:
@@ -494,14 +500,14 @@ def _prepare(
             method,
             "Select one output (output=0), or use method='hutchinson' or 'exact'.",
         )
-    if method == "hutch++" and (coordinates is not None or weights is not None):
+    if method == "hutch++" and (coordinates, weights, sigma) != (None, None, None):
         argument_error(
             function,
             "method",
-            "'hutch++' takes the trace over all entries (its sketch has no coordinates or "
-            "weights)",
+            "'hutch++' takes the trace over all entries (its sketch has no coordinates, "
+            "weights or sigma)",
             method,
-            "Use method='hutchinson' (or 'exact') with coordinates= / weights=.",
+            "Use method='hutchinson' (or 'exact') with coordinates= / weights= / sigma=.",
         )
     if quantity == "hvp" and request.out_numel != 1:
         _refuse_non_scalar(request)
@@ -543,13 +549,16 @@ def _check_method(
     check_estimator(function, method, _METHODS.get(quantity, ("exact",)), num_samples, generator)
 
 
-def _selection_key(coordinates: Any, weights: Any) -> Any:
-    """The template key of a trace's coordinates and weights (values, as given)."""
-    if coordinates is None and weights is None:
+def _selection_key(coordinates: Any, weights: Any, sigma: Any, per_sample: str | None) -> Any:
+    """The template key of a trace's coordinates and coefficients: values, as given;
+    the shape and dtype of a per-sample coefficient (it travels with the batch)."""
+    if coordinates is None and weights is None and sigma is None:
         return None
     key = []
-    for value in (coordinates, weights):
-        if isinstance(value, torch.Tensor):
+    for name, value in (("coordinates", coordinates), ("weights", weights), ("sigma", sigma)):
+        if name == per_sample:
+            value = (per_sample, *_tensor_key(torch.as_tensor(value)))
+        elif isinstance(value, torch.Tensor):
             value = (
                 value.dtype,
                 value.device,
@@ -562,11 +571,76 @@ def _selection_key(coordinates: Any, weights: Any) -> Any:
     return tuple(key)
 
 
+def _per_sample_coefficient(
+    inputs: Any, argnums: Any, coordinates: Any, weights: Any, sigma: Any
+) -> str | None:
+    """``"weights"`` or ``"sigma"`` where that coefficient has a row per sample
+    (``[B, D]``, ``[B, *x.shape[1:]]``, ``[B, D, K]``), else None (`_selection` checks
+    the rest). Weights are per sample when they hold ``B`` times one sample's count."""
+    if sigma is None and weights is None:
+        return None
+    try:
+        w = torch.as_tensor(weights if sigma is None else sigma)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # `_selection` says what is wrong
+    if sigma is not None:
+        return "sigma" if w.dim() == 3 else None
+    xs = as_tuple(inputs)
+    if w.dim() < 2 or not isinstance(xs, tuple) or not xs:
+        return None
+    first = xs[0]
+    if not isinstance(first, torch.Tensor) or not first.dim() or w.shape[0] != len(first):
+        return None
+    try:
+        if coordinates is not None:
+            mask = isinstance(coordinates, torch.Tensor) and coordinates.dtype == torch.bool
+            count = int(coordinates.sum()) if mask else len(coordinates)
+        else:
+            picked = argnums if isinstance(argnums, tuple) else (argnums or 0,)
+            count = sum(xs[i][0].numel() for i in picked)
+    except (IndexError, TypeError, AttributeError):
+        return None  # `_selection` says what is wrong
+    return "weights" if w.numel() == len(first) * count else None
+
+
+@dataclass
+class _Selection:
+    """A trace's checked coordinates (flat indices into one sample's differentiated
+    entries) and its shared coefficients (see `Request`)."""
+
+    coordinates: tuple[int, ...] | None
+    weights: torch.Tensor | None
+    sigma: torch.Tensor | None
+    rank: int
+
+
+def _carried(request: Request, generator: Any, given: Any, vectors: Any) -> Any:
+    """The objective's per-sample vectors of a trace or a diagonal: the probes' seeds of
+    an estimate and a per-sample coefficient (``(seeds, it)`` with both); other
+    quantities' `vectors` as they are."""
+    obj = request.objective
+    if request.quantity not in ("trace", "diagonal", "eigvalsh", *GGN_QUANTITIES):
+        return vectors
+    seeds = None if request.method == "exact" else sample_seeds(obj.batch_size(), generator)
+    if request.per_sample is None:
+        return seeds
+    x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
+    coefficient = torch.as_tensor(given, dtype=x.dtype, device=x.device)
+    if request.per_sample == "weights":
+        coefficient = coefficient.reshape(len(coefficient), -1)
+    return coefficient if seeds is None else (seeds, coefficient)
+
+
 def _selection(
-    function: str, obj: Objective, n: int, coordinates: Any, weights: Any
-) -> tuple[tuple[int, ...] | None, torch.Tensor | None]:
-    """Checked coordinates (flat indices into one sample's differentiated entries) and
-    weights of a trace."""
+    function: str,
+    obj: Objective,
+    n: int,
+    coordinates: Any,
+    weights: Any,
+    sigma: Any,
+    per_sample: str | None,
+) -> _Selection:
+    """Checked coordinates and coefficients of a trace (`_Selection`)."""
     x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
     shape = tuple(x.shape[1:])
     indices = None
@@ -622,23 +696,76 @@ def _selection(
                 "Pass distinct flat indices in range (use weights= to weigh entries).",
             )
         indices = tuple(given)
-    if weights is None:
-        return indices, None
     count = n if indices is None else len(indices)
+    if sigma is not None:
+        return _checked_sigma(function, obj, indices, count, weights, sigma, per_sample)
+    if weights is None:
+        return _Selection(indices, None, None, 0)
     try:
         w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
     except (TypeError, ValueError, RuntimeError):
         w = None
-    if w is None or w.numel() != count or w.dim() > max(1, len(shape)):
+    if per_sample is None and (w is None or w.numel() != count or w.dim() > max(1, len(shape))):
+        size = obj.batch_size()
         argument_error(
             function,
             "weights",
             f"must hold one number per {'coordinate' if indices else 'entry of a sample'} "
-            f"({count})",
+            f"({count}), or a row of them per sample ({size} x {count})",
             weights,
-            "Pass a 1-D tensor of that length (or one sample's shape without coordinates).",
+            "Pass a 1-D tensor of that length (or one sample's shape without coordinates), "
+            f"or [{size}, {count}] for weights that differ per sample.",
         )
-    return indices, w.reshape(-1)
+    if per_sample is not None:  # in the objective's vectors, not the request
+        return _Selection(indices, None, None, 0)
+    assert w is not None
+    return _Selection(indices, w.reshape(-1), None, 0)
+
+
+def _checked_sigma(
+    function: str,
+    obj: Objective,
+    indices: tuple[int, ...] | None,
+    count: int,
+    weights: Any,
+    sigma: Any,
+    per_sample: str | None,
+) -> _Selection:
+    """Checked sigma of ``tr(sigma sigma^T H)``: ``[D, K]`` or ``[B, D, K]``."""
+    if weights is not None:
+        argument_error(
+            function,
+            "sigma",
+            "cannot be combined with weights (sigma sigma^T already weighs the entries)",
+            "sigma and weights",
+            "Pass one of them: weights w >= 0 are sigma = diag(sqrt(w)).",
+        )
+    x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
+    size = obj.batch_size()
+    try:
+        given = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        given = None
+    what = "coordinate" if indices else "entry of a sample"
+    expected = (count,) if per_sample is None else (size, count)
+    if given is None or given.dim() != len(expected) + 1 or tuple(given.shape[:-1]) != expected:
+        argument_error(
+            function,
+            "sigma",
+            f"must be a real matrix [D, K] with one row per {what} (D = {count}), the same "
+            f"for every sample, or [B, D, K] with one per sample (B = {size})",
+            sigma,
+            f"Pass sigma of shape [{count}, K] or [{size}, {count}, K]: "
+            "tr(sigma sigma^T H) sums d_k^T H d_k over its columns d_k.",
+        )
+    assert given is not None
+    rank = given.shape[-1]
+    if rank == 0:
+        argument_error(function, "sigma", "must have at least one column", sigma,
+                       "Pass sigma of shape [D, K] with K >= 1.")  # fmt: skip
+    if per_sample is not None:  # in the objective's vectors, not the request
+        return _Selection(indices, None, None, rank)
+    return _Selection(indices, None, given, rank)
 
 
 def _eigen_request(request: Request, k: Any, iterations: Any) -> Request:
@@ -1643,6 +1770,7 @@ def per_sample_laplacian(
     argnums: int | tuple[int, ...] | None = None,
     coordinates: Sequence[int] | torch.Tensor | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None,
     method: Literal["exact", "hutchinson", "hutch++"] = "exact",
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
@@ -1661,18 +1789,23 @@ def per_sample_laplacian(
     `per_sample_hessian_diag` is (each chunk of basis vectors reduced at once), summed.
     `coordinates` restricts the sum to some entries (the spatial ones of a PINN's
     ``(t, x, y)``, not time), and only their basis vectors are computed; `weights` gives
-    the weighted sum ``sum_i w_i d^2 y / d x_i^2`` (an anisotropic diffusion).
+    the weighted sum ``sum_i w_i d^2 y / d x_i^2`` (an anisotropic diffusion), the same
+    for every sample or a row per sample. `sigma` (``[D, K]``, or ``[B, D, K]`` per
+    sample) gives ``tr(sigma sigma^T H) = sum_k d_k^T H d_k`` over its columns ``d_k``
+    instead: the second-order term of a Fokker-Planck or Kolmogorov operator with
+    diffusion ``sigma sigma^T``; ``K`` directions are pushed through, not ``D``.
 
     ``method="hutchinson"`` estimates it from `num_samples` Hessian-vector products per
     sample with Rademacher probes ``v`` (the mean of ``(w * v) . (H v)``, unbiased; with
-    `coordinates` the probes are zero elsewhere); ``method="hutch++"`` (one-entry
+    `coordinates` the probes are zero elsewhere; with `sigma`, ``v = sigma z`` for
+    Rademacher ``z`` of ``K`` entries); ``method="hutch++"`` (one-entry
     objectives) spends a third of them sketching the Hessian's range, whose trace it
     takes exactly, a third on that, and a third on Hutchinson for the rest: a lower
     variance when the spectrum decays. Probes are seeded per sample as in
-    `per_sample_hessian_diag`. Without `weights`, Taylor mode (``mode="taylor"``, or
-    ``"auto"`` where it is predicted faster) takes the Hutchinson estimate as ``v^T H v``
-    per probe from one forward of jets, the same probes from the same seeds: the same
-    estimate to rounding.
+    `per_sample_hessian_diag`. Without `weights` (with or without `sigma`), Taylor mode
+    (``mode="taylor"``, or ``"auto"`` where it is predicted faster) takes the Hutchinson
+    estimate as ``v^T H v`` per probe from one forward of jets, the same probes from the
+    same seeds: the same estimate to rounding.
 
     Args:
         module: The model; never modified.
@@ -1686,7 +1819,11 @@ def per_sample_laplacian(
             differentiated entries (in order, over all of them with tuple `argnums`), or
             a boolean mask of one sample's shape. None: all.
         weights: One weight per coordinate (per entry of a sample without
-            coordinates, flat or in the sample's shape), the same for every sample.
+            coordinates, flat or in the sample's shape), the same for every sample; or
+            a row of them per sample, ``[B, D]`` (``[B, *x.shape[1:]]``).
+        sigma: The coefficient matrix of ``tr(sigma sigma^T H)``, one row per
+            coordinate (per entry without coordinates): ``[D, K]``, the same for every
+            sample, or ``[B, D, K]``. Not with `weights`.
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
         num_samples: Hessian-vector products per sample, for the estimates (Hutch++
             uses ``num_samples // 3`` for each of its three parts).
@@ -1742,6 +1879,7 @@ def per_sample_laplacian(
             quantity="trace",
             coordinates=coordinates,
             weights=weights,
+            sigma=sigma,
             method=method,
             num_samples=num_samples,
             generator=generator,
@@ -1998,6 +2136,7 @@ def explain(
     if inputs_only:
         plan_options["coordinates"] = options.pop("coordinates", None)
         plan_options["weights"] = options.pop("weights", None)
+        plan_options["sigma"] = options.pop("sigma", None)
     if quantity == "eigvalsh":
         if options.pop("method", "lanczos") != "lanczos":
             argument_error(

@@ -38,6 +38,7 @@ from ._compat import (
     is_functorch_wrapped,
     release_free_memory,
     tree_flatten,
+    tree_map,
     tree_unflatten,
 )
 from ._errors import (
@@ -562,16 +563,23 @@ def draws(
 
 
 def with_draws(work: Work, draw: Callable[[torch.Tensor], torch.Tensor]) -> Work:
-    """`work` whose last argument, the samples' seeds, is replaced by `draw(seeds)`
-    (``[b, ...]``, one row per sample) before it runs: random numbers are drawn outside
-    vmap, sample ``i``'s from its own seed, so the chunking never changes them."""
+    """`work` whose last argument, the samples' seeds (or a tuple of them and more
+    per-sample data), has its seeds replaced by `draw(seeds)` (``[b, ...]``, one row per
+    sample) before it runs: random numbers are drawn outside vmap, sample ``i``'s from
+    its own seed, so the chunking never changes them."""
+
+    def drawn(vectors: Any) -> Any:
+        if isinstance(vectors, tuple):
+            return (draw(vectors[0]), *vectors[1:])
+        return draw(vectors)
 
     def batched(*args: Any) -> Any:
-        return work.batched(*args[:-1], draw(args[-1]))
+        return work.batched(*args[:-1], drawn(args[-1]))
 
     def single(*args: Any) -> Any:
         assert work.single is not None
-        return work.single(*args[:-1], draw(args[-1].reshape(1))[0])
+        one = tree_map(lambda t: t.unsqueeze(0), args[-1])
+        return work.single(*args[:-1], tree_map(lambda t: t[0], drawn(one)))
 
     return Work(batched, single)
 

@@ -690,6 +690,7 @@ def hessian_diagonal(
     trace: bool = False,
     coordinates: Sequence[int] | None = None,
     weights: torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None,
     estimate: bool = False,
 ) -> Callable[..., Any]:
     """The diagonal of the Hessian of a tensor-valued `func` with respect to the pytree
@@ -704,7 +705,10 @@ def hessian_diagonal(
     With ``trace=True``, `coordinates` (flat indices over the differentiated entries)
     restricts the trace to those entries and `weights` (one per coordinate, or per entry
     without coordinates) weighs them: ``sum_i w_i d^2 y / d x_i^2``; only the selected
-    basis vectors are pushed through.
+    basis vectors are pushed through. `sigma` (``[n, K]``, over all differentiated
+    entries) gives ``tr(sigma^T H_y sigma) = sum_k d_k^T H_y d_k`` instead, its columns
+    ``d_k`` pushed through as the basis would be; estimated (``estimate=True``) from
+    probes ``z`` of ``K`` entries, ``d = sigma z``.
 
     The outer stage pushes the input's standard basis through, a chunk of vectors ``v``
     at a time (`_map_basis`), and reduces each chunk at once to ``v^T H_y v`` for every
@@ -754,10 +758,15 @@ def hessian_diagonal(
                 quadratic_form: torch.Tensor = column_of(basis, v) @ v
                 return quadratic_form
 
+            if sigma is not None:  # its columns, or sigma z for the probes z
+                rows = sigma.T if probes is None else probes @ sigma.T
+                return _hutchinson(column_of, rows, flat_in, in_spec, shapes, outer_chunk,
+                                   randomness, True, None, mean=probes is not None)  # fmt: skip
             if probes is not None:
+                scale = _trace_scale(probes.shape[-1], trace, coordinates, weights, probes)
                 return _hutchinson(
                     column_of, probes, flat_in, in_spec, shapes, outer_chunk, randomness,
-                    trace, coordinates, weights,
+                    trace, scale,
                 )  # fmt: skip
             quads = _map_basis(  # [N, Y]
                 quadratic, flat_in, outer_chunk, randomness, name, coordinates=coordinates
@@ -781,6 +790,29 @@ def hessian_diagonal(
     return diagonal
 
 
+def _trace_scale(
+    n: int,
+    trace: bool,
+    coordinates: Sequence[int] | None,
+    weights: torch.Tensor | None,
+    like: torch.Tensor,
+) -> torch.Tensor | None:
+    """The weight of each of the `n` entries in a Hutchinson trace (zero outside the
+    coordinates), or None for all ones."""
+    if not trace or (coordinates is None and weights is None):
+        return None
+    index = list(coordinates) if coordinates is not None else slice(None)
+    if weights is None:
+        scale = like.new_zeros(n)
+        scale[index] = 1.0
+        return scale
+    if coordinates is None:
+        return weights
+    # out of place: a sample's weights may be batched
+    rows = torch.eye(n, dtype=like.dtype, device=like.device)[index]
+    return weights @ rows
+
+
 def _hutchinson(
     column_of: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor],
     probes: torch.Tensor,
@@ -790,16 +822,13 @@ def _hutchinson(
     chunk: int | None,
     randomness: str,
     trace: bool,
-    coordinates: Sequence[int] | None,
-    weights: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    mean: bool = True,
 ) -> Any:
-    """Hutchinson's estimate of the diagonal or the (weighted) trace from `probes`."""
-    count, n = probes.shape[0], probes.shape[-1]
-    scale = None
-    if trace and (coordinates is not None or weights is not None):
-        scale = probes.new_zeros(n) if coordinates is not None else probes.new_ones(n)
-        index = list(coordinates) if coordinates is not None else slice(None)
-        scale[index] = 1.0 if weights is None else weights
+    """Hutchinson's estimate of the diagonal or the (weighted: `scale`) trace from
+    `probes`, their mean; ``mean=False``: the sum over them (sigma's exact trace)."""
+    count = probes.shape[0]
+    if scale is not None:
         probes = probes * (scale != 0)  # zero outside the coordinates
 
     def sample(*basis: torch.Tensor) -> torch.Tensor:
@@ -815,7 +844,9 @@ def _hutchinson(
         size = leaf.numel()
         rows.append(probes[:, offset : offset + size].reshape(count, *leaf.shape))
         offset += size
-    total = _map_basis(sample, flat_in, chunk, randomness, "hutchinson", rows=rows) / count
+    total = _map_basis(sample, flat_in, chunk, randomness, "hutchinson", rows=rows)
+    if mean:
+        total = total / count
     y_shape = shapes[0]
     if trace:
         return total.reshape(y_shape)

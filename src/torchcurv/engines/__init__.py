@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -46,7 +46,10 @@ from .._errors import UnsupportedModuleError
 from .._objective import Objective
 from .._runner import Work
 
-__all__ = ["Engine", "Request", "choose", "engine_named"]
+__all__ = [
+    "Engine", "Request", "choose", "directions", "embedded", "engine_named",
+    "trace_coefficients",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,16 @@ class Request:
             matrix ``J^T H_loss J`` of the module output and the loss (its diagonal).
         coordinates: For a trace: the flat indices of the differentiated entries it
             runs over (None: all of them).
-        weights: For a trace: one weight per coordinate (None: all ones).
+        weights: For a trace: one weight per coordinate (None: all ones), the same for
+            every sample.
+        sigma: For a trace ``tr(sigma sigma^T H)``: the coefficient matrix ``[D, K]``
+            (``D`` coordinates), the same for every sample; its columns are the
+            directions ``d_k`` of ``sum_k d_k^T H d_k``.
+        per_sample: ``"weights"`` or ``"sigma"`` when that coefficient differs per
+            sample (``[B, D]``, ``[B, D, K]``): it travels with the batch as the
+            objective's vectors (after the seeds of an estimate: ``(seeds, it)``), not
+            in the request (see `trace_coefficients`).
+        rank: ``K``, the columns of sigma (shared or per sample); 0 without it.
         method: For a diagonal or a trace: ``"exact"``, or an estimator
             (``"hutchinson"``, ``"hutch++"``) from `num_samples` Hessian-vector products
             with Rademacher probes (their seeds are the objective's per-sample vectors);
@@ -90,10 +102,44 @@ class Request:
     num_samples: int | None = None
     k: int | None = None
     model_numel: int = 0
+    sigma: torch.Tensor | None = None
+    per_sample: str | None = None
+    rank: int = 0
 
     @property
     def out_numel(self) -> int:
         return math.prod(self.out_shape)
+
+
+def trace_coefficients(
+    request: Request, vectors: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(probes, weights, sigma)`` of a trace or a diagonal inside a per-sample
+    function, from its vectors: the drawn probes of an estimate (None when exact), and
+    the coefficients, the request's own or this sample's (`Request.per_sample`)."""
+    if request.per_sample is None:
+        return vectors, request.weights, request.sigma
+    probes, given = (None, vectors) if request.method == "exact" else vectors
+    if request.per_sample == "weights":
+        return probes, given, None
+    return probes, None, given
+
+
+def directions(request: Request) -> int:
+    """The vectors an exact trace or diagonal pushes through: sigma's columns, else the
+    basis vectors of its coordinates (of every entry without them)."""
+    if request.rank:
+        return request.rank
+    return request.in_numel if request.coordinates is None else len(request.coordinates)
+
+
+def embedded(sigma: torch.Tensor, coordinates: tuple[int, ...] | None, n: int) -> torch.Tensor:
+    """`sigma` (``[D, K]``, one row per coordinate) as ``[n, K]``: zero rows elsewhere
+    (out of place: a sample's sigma may be batched)."""
+    if coordinates is None:
+        return sigma
+    rows = torch.eye(n, dtype=sigma.dtype, device=sigma.device)[list(coordinates)]
+    return rows.T @ sigma
 
 
 class Engine(Protocol):

@@ -35,7 +35,7 @@ from .._transforms import (
     probing,
     vectorised_chunks,
 )
-from . import Request
+from . import Request, directions, embedded, trace_coefficients
 
 __all__ = ["GGN_QUANTITIES", "GenericEngine", "fallback_mode"]
 
@@ -163,9 +163,9 @@ class GenericEngine:
         if request.method == "hutchinson":
             assert request.num_samples is not None
             return inner, request.num_samples  # the probes, through the outer stage
-        # A diagonal or a trace pushes the input's basis (its selected coordinates)
-        # through the outer stage.
-        return inner, n if request.coordinates is None else len(request.coordinates)
+        # A diagonal or a trace pushes the input's basis (its selected coordinates, or
+        # sigma's columns) through the outer stage.
+        return inner, directions(request)
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
@@ -177,22 +177,14 @@ class GenericEngine:
         vectorised = True
         if request.quantity in GGN_QUANTITIES:
             return _ggn_work(self.mode, request, chunks, absent, count, inner)
+        if request.quantity in ("diagonal", "trace") and request.method in ("exact", "hutchinson"):
+            return _diagonal_work(self.mode, request, chunks, absent, count, inner)
         if request.method != "exact":
             return _estimator_work(self.mode, request, chunks, absent, count, inner)
         if request.quantity == "hvp":
             product = hessian_vector_product(obj.per_sample, self.mode)
             transform = with_nones(product, absent, count)
             vectorised = False  # no chunks of torchcurv's
-        elif request.quantity != "hessian":
-            transform = hessian_diagonal(
-                func,
-                mode=self.mode,
-                chunk_size=(chunks[0], chunks[1]),
-                randomness=inner,
-                trace=request.quantity == "trace",
-                coordinates=request.coordinates,
-                weights=request.weights,
-            )
         elif whole and request.out_numel and request.in_numel:
             # Unchunked: torch.func's own composition, which the objective's forward
             # routes itself (`torchcurv.functional`): nothing added to raw torch.func.
@@ -275,6 +267,49 @@ def _ggn_work(
     )
 
 
+def _diagonal_work(
+    mode: str,
+    request: Request,
+    chunks: tuple[int | None, ...],
+    absent: tuple[int, ...],
+    count: int,
+    randomness: str,
+) -> Work:
+    """Work of an exact or Hutchinson diagonal or trace (`hessian_diagonal`), with the
+    coefficients of this sample (`trace_coefficients`): the objective's vectors carry
+    the seeds of the probes, drawn for each slice of the batch (outside vmap, sample
+    ``i``'s from its own seed, so the chunking never changes them), and per-sample
+    weights or sigma."""
+    obj = request.objective
+    objective = with_nones(obj.per_sample, (*absent, count - 1), count)  # no vectors
+    carried = count - 1 not in absent
+    n = request.in_numel
+
+    def quantity(*args: Any) -> Any:
+        vectors = args[-1] if carried else None
+        probes, weights, sigma = trace_coefficients(request, vectors)
+        transform = hessian_diagonal(
+            objective,
+            mode=mode,
+            chunk_size=(chunks[0], chunks[1]),
+            randomness=randomness,
+            trace=request.quantity == "trace",
+            coordinates=request.coordinates,
+            weights=weights,
+            sigma=None if sigma is None else embedded(sigma, request.coordinates, n),
+            estimate=probes is not None,
+        )
+        given = args[:-1] if carried else args
+        return transform(*given, *(() if probes is None else (probes,)))
+
+    work = vmapped(_planned(quantity, obj.routed), obj.in_dims(), 0, request.randomness, absent)
+    if request.method == "exact":
+        return work
+    like = tree_flatten(obj.diff(obj.xs))[0][0]
+    shape = (request.num_samples or 0, request.rank or n)  # sigma's probes: K entries
+    return with_draws(work, lambda seeds: draws(seeds, shape, like.dtype, like.device))
+
+
 def _estimator_work(
     mode: str,
     request: Request,
@@ -283,7 +318,7 @@ def _estimator_work(
     count: int,
     randomness: str,
 ) -> Work:
-    """Work of a Hutchinson or Hutch++ estimate or of Lanczos: the objective's per-sample
+    """Work of a Hutch++ estimate or of Lanczos: the objective's per-sample
     vectors are seeds; each slice of the batch draws its samples' probes (start vectors)
     from them (outside vmap,
     sample ``i``'s from its own seed, so the chunking never changes them) and passes
@@ -296,20 +331,10 @@ def _estimator_work(
     if request.method == "lanczos":
         assert request.k is not None
         transform = lanczos_eigvalsh(func, mode, request.k, rows)
-    elif request.method == "hutch++":
+    else:
+        assert request.method == "hutch++"
         rows = 2 * (request.num_samples // 3)
         transform = hutchpp_trace(func, mode, request.num_samples // 3)
-    else:
-        transform = hessian_diagonal(
-            func,
-            mode=mode,
-            chunk_size=(chunks[0], chunks[1]),
-            randomness=randomness,
-            trace=request.quantity == "trace",
-            coordinates=request.coordinates,
-            weights=request.weights,
-            estimate=True,
-        )
     work = vmapped(_planned(transform, obj.routed), obj.in_dims(), 0, request.randomness, absent)
     like = tree_flatten(obj.diff(obj.xs))[0][0]
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .._compat import global_module_hooks
 from .._errors import TorchcurvError, UnsupportedModuleError
 from .._runner import Work
-from . import Request
+from . import Request, embedded, trace_coefficients
 
 __all__ = [
     "StructuredEngine",
@@ -1163,7 +1163,7 @@ class StructuredEngine:
         obj = request.objective
         features = tuple(obj.xs[0].shape[1:])
 
-        def batched(x: Tensor, _: object, targets: Tensor | None, *__: object) -> Tensor:
+        def batched(x: Tensor, _: object, targets: Tensor | None, *rest: object) -> Tensor:
             try:
                 with torch.set_grad_enabled(obj.create_graph):
                     hess = structured_input_hessian(
@@ -1181,10 +1181,18 @@ class StructuredEngine:
             n = math.prod(features)
             diagonal = hess.reshape(x.shape[0], -1, n, n).diagonal(dim1=2, dim2=3)
             if request.quantity == "trace":
+                vectors = rest[1] if len(rest) > 1 else None
+                _, weights, sigma = trace_coefficients(request, vectors)
+                if sigma is not None:  # tr(sigma^T H sigma), sigma shared or per sample
+                    sigma = embedded(sigma, request.coordinates, n)
+                    pattern = "byij,bik,bjk->by" if sigma.dim() == 3 else "byij,ik,jk->by"
+                    traces = torch.einsum(pattern, hess.reshape(x.shape[0], -1, n, n),
+                                          sigma, sigma)  # fmt: skip
+                    return traces.reshape(x.shape[0], *request.out_shape)
                 if request.coordinates is not None:
                     diagonal = diagonal[..., list(request.coordinates)]
-                if request.weights is not None:
-                    diagonal = diagonal * request.weights
+                if weights is not None:  # [D], or [b, D] per sample
+                    diagonal = diagonal * (weights if weights.dim() == 1 else weights[:, None])
                 return diagonal.sum(-1).reshape(x.shape[0], *request.out_shape)
             return diagonal.reshape(x.shape[0], *request.out_shape, *features)
 

@@ -2,7 +2,8 @@ r"""Taylor mode: exact per-sample Laplacians and input-Hessian diagonals in one 
 
 Each value of the module's traced graph that depends on the differentiated input ``x``
 is carried as a *jet* ``(y, Y_1, Y_2)``: the value, its first directional derivatives
-along ``R`` directions ``e_r`` (the basis vectors of the selected coordinates, ``[R,
+along ``R`` directions ``e_r`` (the basis vectors of the selected coordinates, the
+columns of sigma for ``tr(sigma sigma^T H)``, or Hutchinson's probes; ``[R,
 *y.shape]``) and the second-order part,
 
 - collapsed (a Laplacian): ``Y_2 = sum_r w_r d^2 y / d x_r^2``, ``[1, *y.shape]``;
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import corrected_ops
 from .._runner import Batch, Work, draws, vmapped, with_draws, with_nones
-from . import Request
+from . import Request, directions, embedded, trace_coefficients
 from ._graph import (
     CURVED_FUNCTIONS,
     CURVED_METHODS,
@@ -291,7 +292,8 @@ class TaylorEngine:
             return "it computes Laplacians and input-Hessian diagonals only"
         if request.method == "hutchinson" and (
             request.quantity != "trace" or request.weights is not None
-        ):
+            or request.per_sample == "weights"
+        ):  # fmt: skip
             return (
                 "its Hutchinson estimate is of unweighted traces (v^T H v per probe; a "
                 "diagonal or weights need H v)"
@@ -337,8 +339,7 @@ class TaylorEngine:
         chunks' sums, a diagonal concatenates their entries. No inner axis."""
         if request.method == "hutchinson":
             return (1, request.num_samples or 0)
-        n = request.in_numel
-        return (1, n if request.coordinates is None else len(request.coordinates))
+        return (1, directions(request))
 
     def work(self, request: Request, chunks: tuple[int | None, ...]) -> Work:
         obj = request.objective
@@ -358,29 +359,34 @@ class TaylorEngine:
         basis = torch.eye(n, dtype=like.dtype, device=like.device)
         if coordinates is not None:
             basis = basis[list(coordinates)]
-        weights = request.weights
-        if weights is not None:
-            weights = weights.to(dtype=like.dtype, device=like.device)
-        probes = request.method == "hutchinson"
-        if probes:  # the probes are the directions, each with weight 1 / S
-            assert request.num_samples is not None
-            weights = torch.full((request.num_samples,), 1.0 / request.num_samples,
-                                 dtype=like.dtype, device=like.device)  # fmt: skip
-            mask = torch.zeros(n, dtype=like.dtype, device=like.device)
-            mask[list(coordinates) if coordinates is not None else slice(None)] = 1.0
-
+        mask = torch.zeros(n, dtype=like.dtype, device=like.device)
+        mask[list(coordinates) if coordinates is not None else slice(None)] = 1.0
         chunk = chunks[1] if len(chunks) > 1 else None
 
         def quantity(diff: Any, xs: Any, target: Any, buffers: Any, vectors: Any) -> Any:
             del buffers
             inputs = obj._split(diff, xs)[1]
             x = inputs[plan.position]
-            rows = vectors * mask if probes else basis
+            # the directions and their weights: the basis vectors of the coordinates,
+            # sigma's columns (weights 1), or the probes (each 1 / S; sigma z for sigma's)
+            probes, weights, sigma = trace_coefficients(request, vectors)
+            rows = basis
+            if sigma is not None:
+                rows = embedded(sigma.to(like.dtype), coordinates, n).T
+                weights = None
+            if probes is not None:
+                rows = probes @ rows if sigma is not None else probes * mask
+                weights = torch.full((len(probes),), 1.0 / len(probes),
+                                     dtype=like.dtype, device=like.device)  # fmt: skip
+            if weights is not None:
+                weights = weights.to(dtype=like.dtype, device=like.device)
             if chunk is None or chunk >= len(rows):
                 return along(inputs, x, target, rows, weights)
             pieces = [
                 along(inputs, x, target, part, None if weights is None else weights[i : i + chunk])
-                for i, part in zip(range(0, len(rows), chunk), rows.split(chunk), strict=True)
+                for i, part in zip(
+                    range(0, len(rows), chunk), torch.split(rows, chunk), strict=True
+                )
             ]
             if collapse:
                 return torch.stack(pieces).sum(0)
@@ -391,11 +397,11 @@ class TaylorEngine:
         ) -> Tensor:
             """The quantity's part along the directions `rows` (``[r, n]``): a sum for a
             Laplacian, ``[*y, r]`` entries for a diagonal."""
-            directions = rows.reshape(len(rows), 1, *x.shape)
+            tangents = rows.reshape(len(rows), 1, *x.shape)
             k = 1 if collapse else len(rows)
             seed = Jet(
                 x.unsqueeze(0),
-                directions,
+                tangents,
                 torch.zeros(k, 1, *x.shape, dtype=x.dtype, device=x.device),
             )
             run = _Run(plan, state, seed, w if collapse else None, collapse)
@@ -438,10 +444,10 @@ class TaylorEngine:
 
         func = with_nones(quantity_of, absent, len(obj.in_dims()))
         work = vmapped(func, obj.in_dims(), 0, request.randomness, absent)
-        if not probes:
+        if request.method == "exact":
             return work
         # the Hessian-vector products' probes, drawn the same way from the same seeds
-        shape = (request.num_samples or 0, n)
+        shape = (request.num_samples or 0, request.rank or n)
         return with_draws(work, lambda seeds: draws(seeds, shape, like.dtype, like.device))
 
 
@@ -504,8 +510,11 @@ class _Run(fx.Interpreter):
             parts = torch.vmap(lambda t: torch.func.jvp(function, (u.value,), (t,))[1])
             return Jet(function(u.value), parts(u.first), parts(u.second))
         closed = _CLOSED.get(_closed_name(n, self.module)) if not args[1:] and not kwargs else None
-        derivatives = closed or (lambda u: _derived(lambda t: op(t, *args[1:], **kwargs), u))
-        return self._elementwise(derivatives, args[0], kind == "curved")
+        curved = kind == "curved"
+        derivatives = closed or (
+            lambda u: _derived(lambda t: op(t, *args[1:], **kwargs), u, second=curved)
+        )
+        return self._elementwise(derivatives, args[0], curved)
 
     def _callable(self, n: fx.Node) -> Callable[..., Any]:
         if n.op == "call_module":
@@ -539,7 +548,8 @@ class _Run(fx.Interpreter):
         return self._collapse(a * b)
 
     def _elementwise(self, derivatives: Callable[[Tensor], Any], u: Jet, curved: bool) -> Jet:
-        """The chain rule of an elementwise function, from ``(s(u), s'(u), s''(u))``."""
+        """The chain rule of an elementwise function, from ``(s(u), s'(u), s''(u))``
+        (``s''`` unused, and None from `_derived`, where the function is not curved)."""
         value, slope, curvature = derivatives(u.value)
         second = slope * u.second
         if curved:
@@ -602,14 +612,19 @@ class _Run(fx.Interpreter):
         )
 
 
-def _derived(function: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s(u), s'(u), s''(u))`` of an elementwise function, by forward-mode AD of it."""
+def _derived(
+    function: Callable[[Tensor], Tensor], u: Tensor, second: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(s(u), s'(u), s''(u))`` of an elementwise function, by forward-mode AD of it;
+    ``s''`` only where asked (`second`: not for a piecewise-linear function)."""
     ones = torch.ones_like(u)
 
     def derivative(v: Tensor) -> Tensor:
         return torch.func.jvp(function, (v,), (ones,))[1]  # type: ignore[no-any-return]
 
     value, slope = torch.func.jvp(function, (u,), (ones,))[:2]
+    if not second:
+        return value, slope, None
     return value, slope, torch.func.jvp(derivative, (u,), (ones,))[1]
 
 
@@ -626,7 +641,7 @@ def _sigmoid(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # Closed forms of the commonest activations: fewer kernels than nested forward mode.
-_CLOSED: dict[str | None, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+_CLOSED: dict[str | None, Callable[[Tensor], tuple[Tensor, Tensor, Tensor | None]]] = {
     "tanh": _tanh,
     "sigmoid": _sigmoid,
 }
