@@ -96,6 +96,30 @@ class ByHand(nn.Module):
         return torch.stack([ratio, torch.log(1 + x.abs().sum((-1, -2)))], dim=-1)
 
 
+class Norms(nn.Module):
+    """Layer and RMS norms (functions and modules, with and without their affine maps),
+    softmax and log-softmax in their several spellings, a quotient of jets: the
+    composed rules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.norm, self.plain = nn.LayerNorm(6), nn.LayerNorm(6, elementwise_affine=False)
+        self.rms = nn.RMSNorm(6)
+        self.w, self.b = nn.Parameter(torch.rand(6) + 0.5), nn.Parameter(torch.randn(6))
+        self.soft, self.log_soft = nn.Softmax(dim=1), nn.LogSoftmax(-1)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.rms.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = self.norm(torch.tanh(h)) + F.layer_norm(h, (6,), self.w, self.b, 1e-3)
+        h = self.rms(h) * F.rms_norm(self.plain(h), [6])
+        p = h.softmax(-1) + self.soft(h) + F.log_softmax(h, dim=2)
+        return self.head(p + self.log_soft(h / (2.0 + h.pow(2)))).sum(1)  # type: ignore[no-any-return]
+
+
 def _mlp(act: nn.Module, out: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, out))
 
@@ -127,6 +151,7 @@ CASES = {
     "transformer": (Transformer, (3, 4)),
     "attention-layer-norm": (AttentionNorm, (3, 4)),
     "attention-by-hand": (ByHand, (3, 4)),
+    "norms-softmax": (Norms, (3, 4)),
     "cnn-maxpool": (
         lambda: nn.Sequential(
             nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
@@ -278,13 +303,16 @@ def test_the_module_is_left_as_it_was() -> None:
     [
         ("mixed", "taylor", "Taylor mode applies and is predicted faster"),
         ("cnn-maxpool", "taylor", "Taylor mode applies and is predicted faster"),
+        ("attention-by-hand", "taylor", "Taylor mode applies and is predicted faster"),
+        ("norms-softmax", "taylor", "Taylor mode applies and is predicted faster"),
         ("transformer", None, "Taylor mode applies but is predicted slower"),
         ("attention-layer-norm", None, "Taylor mode applies but is predicted slower"),
     ],
 )
 def test_auto_takes_it_where_every_op_has_a_cheap_rule(name: str, engine: Any, why: str) -> None:
-    """A smooth op's nested products per direction cost what the Hessian-vector
-    products cost: there ``"auto"`` keeps the generic engine."""
+    """Softmax, norms, products of matrices and quotients have rules composed of the
+    cheap ones; a smooth op's nested products per direction (attention modules) cost
+    what the Hessian-vector products cost: there ``"auto"`` keeps the generic engine."""
     model, X = _case(name)
     decision = torchcurv.explain(torchcurv.per_sample_laplacian, model, X, output=0)
     assert why in decision.why_engine

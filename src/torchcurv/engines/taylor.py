@@ -24,9 +24,11 @@ NeurIPS 2025; folx for JAX).
 
 The graph comes from ``torch.fx.symbolic_trace`` and runs node by node (under ``vmap``
 over the batch, a sample as a batch of one, like every engine) with the module's
-parameters as they are, so ``create_graph=True`` differentiates through it. An op
-without a rule (attention, norms, a loss) is an obstacle: ``explain`` names it and the
-other engines compute the quantity.
+parameters as they are, so ``create_graph=True`` differentiates through it. Softmax,
+norms, products of matrices and quotients have rules composed of the cheap ones (see
+`_RULES`); other smooth ops (attention modules) take nested forward-mode products per
+direction. An op without a rule (batch norm, a recurrent layer, a loss) is an obstacle:
+``explain`` names it and the other engines compute the quantity.
 """
 
 from __future__ import annotations
@@ -122,6 +124,25 @@ _SMOOTH_MODULES = (
     nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
     nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 )  # fmt: skip
+# Smooth ops with rules of their own, composed of the cheap ones (shifts, sums, products,
+# elementwise functions): softmax ``e / sum(e)`` with ``e = exp(u - max u)``, its log,
+# layer and RMS norms written out (not torch's second-order rule of layer norm, wrong
+# under forward mode: pytorch/pytorch#196700), products of matrices (bilinear: a product
+# rule), quotients ``u * (1 / v)``.
+_COMPOSED_FUNCTIONS = {
+    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
+    torch.log_softmax: "log_softmax", F.layer_norm: "layer_norm", F.rms_norm: "rms_norm",
+    torch.matmul: "bilinear", operator.matmul: "bilinear", torch.bmm: "bilinear",
+    operator.truediv: "quotient", torch.div: "quotient", torch.true_divide: "quotient",
+}  # fmt: skip
+_COMPOSED_METHODS = {
+    "softmax": "softmax", "log_softmax": "log_softmax", "matmul": "bilinear",
+    "bmm": "bilinear", "div": "quotient", "__truediv__": "quotient",
+}  # fmt: skip
+_COMPOSED_MODULES: dict[type[nn.Module], str] = {
+    nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.LayerNorm: "layer_norm",
+    nn.RMSNorm: "rms_norm",
+}  # fmt: skip
 # Ops that read only the shape, dtype or device of a jet: their results are constants.
 _SHAPE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
 _SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
@@ -164,6 +185,10 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "linear"
         if one and isinstance(layer, nn.modules.dropout._DropoutNd):
             return "linear" if not layer.training or layer.p == 0 else None
+        composed = next((v for k, v in _COMPOSED_MODULES.items() if plain_module(layer, (k,))),
+                        None)  # fmt: skip
+        if one and composed is not None:
+            return composed
         if plain_module(layer, _SMOOTH_MODULES) and not _random(layer):
             return "smooth"
         return None
@@ -191,6 +216,9 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "kinked"
         if one and (target in _ELEMENTWISE_FUNCTIONS or target in _POWERS):
             return "curved"
+        composed = _COMPOSED_FUNCTIONS.get(target)
+        if composed is not None and _composable(composed, live, n.kwargs):
+            return composed
         if target in _SMOOTH_FUNCTIONS:
             return "smooth"
         return None
@@ -212,9 +240,23 @@ def _kind(n: fx.Node, module: nn.Module, live: list[int]) -> str | None:
             return "kinked"
         if one and name in _ELEMENTWISE_METHODS:
             return "curved"
+        composed = _COMPOSED_METHODS.get(name)
+        if composed is not None and _composable(composed, live, n.kwargs):
+            return composed
         if name in _SMOOTH_METHODS:
             return "smooth"
     return None
+
+
+def _composable(kind: str, live: list[int], kwargs: Any) -> bool:
+    """Whether a composed rule takes a node of `kind` whose jets are at `live`: the
+    bilinear and quotient rules take any, the others the first argument only (a norm's
+    weight is not differentiated) and no dtype conversion."""
+    if kind == "bilinear":
+        return -1 not in live
+    if kind == "quotient":
+        return -1 not in live and kwargs.get("rounding_mode") is None
+    return live == [0] and kwargs.get("dtype") is None
 
 
 def _random(layer: nn.Module) -> bool:
@@ -501,6 +543,8 @@ class _Run(fx.Interpreter):
             return self._product(args[0], args[1])
         if kind == "smooth":
             return self._smooth(op, args, kwargs)
+        if kind in _RULES:
+            return _RULES[kind](self, n, args, kwargs)
         if kind == "piecewise":  # second derivative zero almost everywhere: linearised
             u = args[0]
 
@@ -603,6 +647,26 @@ class _Run(fx.Interpreter):
             return curvature.sum(0, keepdim=True)
         collapsed: Tensor = torch.tensordot(self.weights, curvature, dims=1)
         return collapsed.unsqueeze(0)
+
+    def _bilinear(self, op: Callable[[Tensor, Tensor], Tensor], u: Any, v: Any) -> Jet:
+        """A product `op` (elementwise, of matrices) of two values, jets or constants."""
+        if not _is_jet(u) or not _is_jet(v):
+            constant = u if not _is_jet(u) else v
+            jet = v if constant is u else u
+
+            def with_constant(t: Tensor) -> Tensor:
+                return op(constant, t) if constant is u else op(t, constant)
+
+            parts = torch.vmap(with_constant)
+            return Jet(with_constant(jet.value), parts(jet.first), parts(jet.second))
+        left = torch.vmap(lambda t: op(t, v.value))
+        right = torch.vmap(lambda t: op(u.value, t))
+        cross = self._collapse(torch.vmap(op)(u.first, v.first))
+        return Jet(
+            op(u.value, v.value),
+            left(u.first) + right(v.first),
+            left(u.second) + right(v.second) + 2 * cross,
+        )
 
     def _product(self, u: Any, v: Any) -> Jet:
         return Jet(
@@ -707,3 +771,133 @@ def _linear(op: Callable[..., Any], args: Any, kwargs: Any, *, summands: int) ->
         vectorised(*[leaves[i].first for i in jets]),
         vectorised(*[leaves[i].second for i in jets]),
     )
+
+
+# ---- composed rules: smooth ops written with the cheap ones ------------------------
+
+
+def _exp(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.exp(u)
+    return y, y, y
+
+
+def _log(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r = 1 / u
+    return torch.log(u), r, -r * r
+
+
+def _reciprocal(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r = 1 / u
+    return r, -r * r, 2 * r * r * r
+
+
+def _rsqrt(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r = torch.rsqrt(u)
+    cube = r * r * r
+    return r, -0.5 * cube, 0.75 * cube * r * r
+
+
+def _shift(u: Jet, c: Tensor) -> Jet:
+    """``u + c`` for a constant `c`."""
+    return Jet(u.value + c, u.first, u.second)
+
+
+def _minus(u: Jet, v: Jet) -> Jet:
+    return Jet(u.value - v.value, u.first - v.first, u.second - v.second)
+
+
+def _reduce(u: Jet, reduce: Callable[..., Tensor], dims: tuple[int, ...]) -> Jet:
+    """A sum or mean over `dims` (negative: the parts have leading dims of their own)."""
+    return Jet(*(reduce(t, dims, keepdim=True) for t in (u.value, u.first, u.second)))
+
+
+def _negative(dims: Any, ndim: int) -> tuple[int, ...]:
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return tuple(d - ndim if d >= 0 else d for d in dims)
+
+
+def _argument(n: fx.Node, args: Any, kwargs: Any, position: int, name: str, default: Any) -> Any:
+    """Argument `name` of a call (at `position` of a function's signature; a method's
+    ``self`` is position 0 too)."""
+    if len(args) > position:
+        return args[position]
+    return kwargs.get(name, default)
+
+
+def _exponentials(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> tuple[Jet, Jet, Jet]:
+    """A softmax's ``u - max u`` (the max a constant), its exponentials and their sum."""
+    u = args[0]
+    if n.op == "call_module":
+        dim = run.module.get_submodule(str(n.target)).dim
+    else:
+        dim = _argument(n, args, kwargs, 1, "dim", None)
+    if dim is None:  # torch's legacy implicit dim (of the forward's batch of one)
+        dim = 0 if u.value.dim() in (0, 1, 3) else 1
+    dims = _negative(dim, u.value.dim())
+    shifted = _shift(u, -u.value.detach().amax(dims, keepdim=True))
+    e = run._elementwise(_exp, shifted, True)
+    return shifted, e, _reduce(e, torch.sum, dims)
+
+
+def _softmax(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    _, e, total = _exponentials(run, n, args, kwargs)
+    return run._bilinear(torch.mul, e, run._elementwise(_reciprocal, total, True))
+
+
+def _log_softmax(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    shifted, _, total = _exponentials(run, n, args, kwargs)
+    return _minus(shifted, run._elementwise(_log, total, True))
+
+
+def _norm(run: _Run, n: fx.Node, args: Any, kwargs: Any, centred: bool) -> Jet:
+    """Layer norm (`centred`) or RMS norm over the last dims, then the elementwise
+    affine map, its weight and bias constants."""
+    u = args[0]
+    if n.op == "call_module":
+        path = str(n.target)
+        layer: Any = run.module.get_submodule(path)
+        shape, eps = layer.normalized_shape, layer.eps
+        weight, bias = run.state.get(f"{path}.weight"), run.state.get(f"{path}.bias")
+    else:
+        shape = _argument(n, args, kwargs, 1, "normalized_shape", None)
+        weight = _argument(n, args, kwargs, 2, "weight", None)
+        bias = _argument(n, args, kwargs, 3, "bias", None) if centred else None
+        eps = _argument(n, args, kwargs, 4 if centred else 3, "eps", 1e-5 if centred else None)
+    if eps is None:  # RMS norm's default
+        eps = torch.finfo(u.value.dtype).eps
+    dims = tuple(range(-(1 if isinstance(shape, int) else len(shape)), 0))
+    if centred:
+        u = _minus(u, _reduce(u, torch.mean, dims))
+    variance = _reduce(run._bilinear(torch.mul, u, u), torch.mean, dims)
+    y = run._bilinear(torch.mul, u, run._elementwise(_rsqrt, _shift(variance, eps), True))
+    if weight is not None:
+        y = Jet(y.value * weight, y.first * weight, y.second * weight)
+    return y if bias is None else _shift(y, bias)
+
+
+def _layer_norm(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    return _norm(run, n, args, kwargs, centred=True)
+
+
+def _rms_norm(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    return _norm(run, n, args, kwargs, centred=False)
+
+
+def _matrix_product(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    op = torch.bmm if n.target in (torch.bmm, "bmm") else torch.matmul
+    return run._bilinear(op, args[0], args[1])
+
+
+def _quotient(run: _Run, n: fx.Node, args: Any, kwargs: Any) -> Jet:
+    """``u / v = u * (1 / v)`` with `v` a jet (``u / c`` is a scaling: linear)."""
+    return run._bilinear(torch.mul, args[0], run._elementwise(_reciprocal, args[1], True))
+
+
+_RULES: dict[str, Callable[[_Run, fx.Node, Any, Any], Any]] = {
+    "softmax": _softmax,
+    "log_softmax": _log_softmax,
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "bilinear": _matrix_product,
+    "quotient": _quotient,
+}
