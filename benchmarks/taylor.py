@@ -106,11 +106,13 @@ and Taylor mode propagate the ``D``-column Jacobian forward through every layer 
 ``2 D`` multiply-adds per weight: the floor both sit on); the structured engine then
 contracts ``D x D`` per layer (about ``D^2`` per hidden unit, a few per cent here), so
 on a pure Linear/tanh stack Taylor mode can save only that contraction: it takes
-1.01x the structured time at B = 16 and 0.91x at B = 256, not the 0.85x targeted.
-Against nested first-order AD it takes 0.42x at B = 16 (target 0.40x) and 0.38x at
-B = 256 (target 0.50x). What remains above the floor is per-call work independent of
-the batch: the torch.fx interpreter and the vmap wrappers of every node (about 1 ms a
-call), visible on the small heat-equation MLP (1.8 ms against the structured 1.1 ms).
+0.9-1.0x the structured time (0.91-1.01x over the runs so far), not the 0.85x targeted.
+Against nested first-order AD it takes 0.42-0.43x at B = 16 (target 0.40x) and 0.38x
+at B = 256 (target 0.50x). Profiled at B = 16: the matrix products of the directions
+are 76% of the time (the floor), the chain rule's elementwise products of the ``D``
+directions 16%; the rest is per-call work independent of the batch (the torch.fx
+interpreter and the vmap wrappers of every node, about 1 ms a call), visible on the
+small heat-equation MLP (1.9 ms against the structured 1.2 ms).
 Where the structured engine does not apply (the CNN, residual blocks, the transformer
 block: softmax, layer norms and products of two jets have rules composed of the cheap
 ones), Taylor mode is the fastest exact path and ``"auto"`` takes it."""
