@@ -32,7 +32,7 @@ TORCH = "torch==2.13.0"  # CPU wheel on local disk; a looser spec pulls a CUDA b
 TORCH_NEWEST = "torch==2.14.1"
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
-LINT_PATHS = ["src", "tests", "benchmarks", "noxfile.py", "docs"]
+LINT_PATHS = ["src", "tests", "benchmarks", "examples", "noxfile.py", "docs"]
 
 
 def install_project(session: nox.Session, extras: str = "", torch: str = TORCH) -> None:

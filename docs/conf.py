@@ -34,10 +34,26 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx_gallery.gen_gallery",
     "torchcurv_docs",
 ]
 
-exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
+# The gallery: the scripts in examples/ run at build time (one thread, as above), each
+# page with its figures, a thumbnail and the script as .py and .ipynb to download. An
+# example that fails fails the build.
+sphinx_gallery_conf = {
+    "examples_dirs": str(DOCS.parent / "examples"),
+    "gallery_dirs": "gallery",
+    "filename_pattern": r"plot_",
+    "abort_on_example_error": True,
+    "write_computation_times": False,
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "show_memory": False,
+    "within_subsection_order": "FileNameSortKey",
+}
+
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store", "gallery/*.ipynb"]
 templates_path: list[str] = []
 default_role = "py:obj"  # `name` in docstrings links to the object where it can
 pygments_style = "sphinx"
