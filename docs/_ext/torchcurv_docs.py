@@ -2,9 +2,10 @@
 
 ``.. runblock::``
     Executes its Python content at build time and renders the code followed by what it
-    printed. All blocks of one page share one namespace, run in page order, with the docs
-    folder as the working directory (so ``fig.savefig("_generated/x.png")`` lands where
-    ``.. image:: /_generated/x.png`` finds it). An exception, or a warning the code emits,
+    printed. All blocks of one page share one namespace, run in page order, with
+    ``docs/_generated`` as the working directory (so ``fig.savefig("x.png")``, which
+    works when the snippet is copied anywhere, lands where ``.. image::
+    /_generated/x.png`` finds it). An exception, or a warning the code emits,
     fails the build: the failure is reported with its location and the build exits with
     status 1, with or without ``-W``; the page is executed again by the next build.
 
@@ -143,7 +144,7 @@ class RunBlock(SphinxDirective):
             for pattern in _IGNORED_WARNINGS:
                 warnings.filterwarnings("ignore", pattern)
             try:
-                os.chdir(self.env.srcdir)
+                os.chdir(Path(self.env.srcdir, self.config.runblock_generated_dir))
                 with contextlib.redirect_stdout(stdout):
                     exec(compile(code, filename, "exec"), namespace)
             except Exception as error:
