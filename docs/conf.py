@@ -34,9 +34,15 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served with the pages, not from a CDN
+    "sphinx.ext.viewcode",  # [source] links
+    "sphinx_copybutton",
     "sphinx_gallery.gen_gallery",
     "torchcurv_docs",
 ]
+# The copy button leaves out prompts and output: what it copies runs.
+copybutton_prompt_text = r">>> |\.\.\. "
+copybutton_prompt_is_regexp = True
 
 # The gallery: the scripts in examples/ run at build time (one thread, as above), each
 # page with its figures, a thumbnail and the script as .py and .ipynb to download. An

@@ -90,7 +90,7 @@ def test_demo_numbers_are_right(demo_report: str) -> None:
 
 
 def test_main_runs_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", *FAST, "--seed", "3"]) == 0
+    assert cli.main(["demo", *FAST, "--seed", "3", "--no-plot"]) == 0
     captured = capsys.readouterr()
     assert "seed 3" in captured.out
     assert "3. Chunking under a memory budget" in captured.out
@@ -121,11 +121,43 @@ def test_demo_restores_torch_threads() -> None:
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed"
+)
+def test_demo_draws_its_picture_by_default_and_points_further(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--batch", "6", "--epochs", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / cli.DEFAULT_PLOT).stat().st_size > 10_000
+    assert f"saved to {cli.DEFAULT_PLOT}" in out
+    assert "docs/tutorials/input_hessian.rst, examples/plot_forum_question.py" in out
+    for page in ("input_hessian", "parameter_curvature", "memory"):
+        assert (Path(__file__).parents[1] / "docs" / "tutorials" / f"{page}.rst").exists()
+    for example in ("plot_forum_question", "plot_parameter_spectra", "plot_memory_budget"):
+        assert (Path(__file__).parents[1] / "examples" / f"{example}.py").exists()
+    assert "_demo.py" in out
+
+
+def test_demo_without_matplotlib_skips_the_default_picture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    assert cli.main(["demo", "--batch", "6", "--epochs", "1", "--no-progress"]) == 0
+    assert "plot      none (pass --plot FILE" in capsys.readouterr().out
+    assert not (tmp_path / cli.DEFAULT_PLOT).exists()
+
+
 def test_demo_without_scikit_learn_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(_demo, "_load_digits", lambda: None)
-    assert cli.main(["demo", "--batch", "6", "--epochs", "1", "--no-progress"]) == 0
+    assert cli.main(["demo", "--batch", "6", "--epochs", "1", "--no-progress", "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC digits (scikit-learn is not installed" in out
     assert "result shape         (6, 64, 64)" in out
@@ -168,7 +200,7 @@ def test_demo_plot_bad_path_fails_before_training(
 
 
 def test_demo_batch_larger_than_the_data(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--batch", "5000", "--no-progress"]) == 2
+    assert cli.main(["demo", "--batch", "5000", "--no-progress", "--no-plot"]) == 2
     assert "--batch 5000 is larger than the 1797 images" in capsys.readouterr().err
 
 

@@ -190,7 +190,7 @@ def test_hutchpp_has_a_lower_variance_than_hutchinson_on_a_decaying_spectrum() -
             lambda m, X: torchcurv.per_sample_laplacian(
                 m, X, output=0, method="hutch++", num_samples=6, coordinates=[0, 1]
             ),
-            r"sketch has no coordinates, weights or sigma\), got 'hutch\+\+'\. "
+            r"coordinates cannot be used with method='hutch\+\+' .*got \[0, 1\]\. "
             r"Use method='hutchinson'",
         ),
         (

@@ -487,6 +487,47 @@ def test_repeated_calls_take_the_new_per_sample_coefficients_and_gradients_flow(
         assert_trees_close(list(got), list(expected))
 
 
+def test_coefficients_that_require_grad_give_detached_results_without_create_graph() -> None:
+    model = pinn().to(D)
+    X = torch.randn(4, 3, dtype=D)
+    for options in (
+        {"sigma": torch.randn(4, 3, 2, dtype=D, requires_grad=True)},
+        {"sigma": torch.randn(3, 2, dtype=D, requires_grad=True)},
+        {"weights": torch.randn(4, 3, dtype=D, requires_grad=True)},
+        {"weights": torch.randn(3, dtype=D, requires_grad=True)},
+    ):
+        for mode in ("taylor", "fwd-over-rev", "structured"):
+            got = torchcurv.per_sample_laplacian(model, X, output=0, mode=mode, **options)
+            assert not got.requires_grad
+        (coefficient,) = options.values()
+        lap = torchcurv.per_sample_laplacian(model, X, output=0, create_graph=True, **options)
+        assert torch.autograd.grad(lap.sum(), coefficient)[0].abs().sum() > 0
+
+
+def test_many_probes_are_planned_from_a_few_chunks() -> None:
+    """The planner measures a chunked Hutchinson run in probe mode (the first and last
+    chunks computed, the others copies): thousands of probes cost no more to plan."""
+    model = pinn().to(D)
+    X = torch.randn(3, 3, dtype=D)
+    calls = []
+    real = F.linear
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for mode in ("taylor", "fwd-over-rev"):
+        torchcurv.per_sample_laplacian(model, X, output=0, mode=mode, method="hutchinson",
+                                       num_samples=8, memory_budget="1GiB")  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "linear", counted)
+        for mode in ("taylor", "fwd-over-rev"):
+            calls.clear()
+            torchcurv.per_sample_laplacian(model, X, output=0, mode=mode, method="hutchinson",
+                                           num_samples=3000, memory_budget="1GiB")  # fmt: skip
+            assert len(calls) < 3000, (mode, len(calls))
+
+
 def test_per_sample_coefficients_are_chunked_with_the_batch() -> None:
     model = pinn().to(D)
     X = torch.randn(7, 3, dtype=D)
@@ -515,10 +556,14 @@ def test_per_sample_coefficients_are_chunked_with_the_batch() -> None:
         ({"sigma": "wide"}, "sigma"),
         ({"sigma": torch.ones(2, 1), "coordinates": [0]}, r"one row per coordinate \(D = 1\)"),
         ({"sigma": torch.ones(3, 1), "weights": [1.0, 1.0, 1.0]}, "cannot be combined"),
+        ({"sigma": torch.ones(3, 1, dtype=torch.complex128)}, "sigma must be real"),
+        ({"sigma": torch.ones(3, 1, dtype=torch.bool)}, "sigma must hold numbers"),
+        ({"weights": torch.ones(2, 3, dtype=torch.bool)}, "weights must hold numbers"),
+        ({"weights": torch.ones(3, dtype=torch.complex128)}, "weights must be real"),
         ({"weights": torch.ones(2, 2)}, r"or a row of them per sample \(2 x 3\)"),
         (
             {"sigma": torch.ones(3, 1), "method": "hutch++", "num_samples": 6},
-            "sketch has no coordinates, weights or sigma",
+            r"sigma cannot be used with method='hutch\+\+'",
         ),
         (
             {"weights": torch.ones(2, 3), "method": "hutchinson", "num_samples": 2,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import torchcurv
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_PLOT", "main"]
+
+#: The demo's picture when no --plot is given (in the working directory).
+DEFAULT_PLOT = "torchcurv_demo.png"
 
 _DESCRIPTION = "torchcurv: per-sample Jacobians and Hessians for PyTorch, built on torch.func."
 
@@ -32,7 +36,9 @@ _DEMO_EPILOG = """\
 examples:
   python -m torchcurv demo
   python -m torchcurv demo --batch 64 --seed 1
-  python -m torchcurv demo --plot hessian.png   (needs matplotlib)
+  python -m torchcurv demo --plot hessian.png   (the picture's file; default
+                                                torchcurv_demo.png, needs matplotlib)
+  python -m torchcurv demo --no-plot
 """
 
 _BENCH_EPILOG = """\
@@ -117,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="torch threads (default: 1; the demo's models are too small to gain from more)",
     )
-    demo.add_argument(
+    picture = demo.add_mutually_exclusive_group()
+    picture.add_argument(
         "--plot",
         type=Path,
         default=None,
         metavar="FILE",
-        help="save a heatmap of one input Hessian, e.g. hessian.png (needs matplotlib)",
+        help=f"where to save the heatmap of one input Hessian (default: {DEFAULT_PLOT} "
+        "in the working directory, when matplotlib is installed)",
+    )
+    picture.add_argument(
+        "--no-plot",
+        dest="no_plot",
+        action="store_true",
+        help="do not draw the heatmap",
     )
     demo.add_argument(
         "--no-progress",
@@ -179,11 +193,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ._demo import DemoError, DemoOptions, run_demo
 
+    plot = args.plot
+    if args.no_plot:
+        plot = None
+    elif plot is None and importlib.util.find_spec("matplotlib") is not None:
+        plot = Path(DEFAULT_PLOT)  # a picture by default, where matplotlib can draw it
     options = DemoOptions(
         batch=args.batch,
         seed=args.seed,
         epochs=args.epochs,
-        plot=args.plot,
+        plot=plot,
         progress=args.progress,
         threads=args.threads,
     )

@@ -452,6 +452,16 @@ def run_demo(options: DemoOptions, out: TextIO | None = None, err: TextIO | None
         torch.set_num_threads(threads)
 
 
+# Where each section continues: the docs pages (``nox -s docs`` builds them) and the
+# gallery's scripts of a source checkout.
+_FURTHER = (
+    ("1. input Hessians", "docs/tutorials/input_hessian.rst, examples/plot_forum_question.py"),
+    ("2. parameter curvature",
+     "docs/tutorials/parameter_curvature.rst, examples/plot_parameter_spectra.py"),
+    ("3. memory budgets", "docs/tutorials/memory.rst, examples/plot_memory_budget.py"),
+)  # fmt: skip
+
+
 def _run(options: DemoOptions, out: TextIO, progress: _Progress) -> None:
     start = time.perf_counter()
     threads = "1 thread" if options.threads == 1 else f"{options.threads} threads"
@@ -500,4 +510,12 @@ def _run(options: DemoOptions, out: TextIO, progress: _Progress) -> None:
             f"image 0 (label {int(y[0])}): Hessian of the logit of class {predicted}",
         )
         print(f"plot      heatmap of image 0's input Hessian saved to {options.plot}", file=out)
+    else:
+        print("plot      none (pass --plot FILE with matplotlib installed)", file=out)
+    print(file=out)
+    code = Path(__file__).resolve()
+    print("more      the code of each section: the functions _input_hessians,", file=out)
+    print(f"          _parameter_curvature and _memory_budget in {code}", file=out)
+    for section, page in _FURTHER:
+        print(f"          {section}: {page}", file=out)
     print(f"done in {_ms(time.perf_counter() - start)}", file=out)

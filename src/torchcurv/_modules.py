@@ -500,14 +500,16 @@ def _prepare(
             method,
             "Select one output (output=0), or use method='hutchinson' or 'exact'.",
         )
-    if method == "hutch++" and (coordinates, weights, sigma) != (None, None, None):
+    given_with = {"coordinates": coordinates, "weights": weights, "sigma": sigma}
+    conflict = next((k for k, v in given_with.items() if v is not None), None)
+    if method == "hutch++" and conflict is not None:
         argument_error(
             function,
-            "method",
-            "'hutch++' takes the trace over all entries (its sketch has no coordinates, "
-            "weights or sigma)",
-            method,
-            "Use method='hutchinson' (or 'exact') with coordinates= / weights= / sigma=.",
+            conflict,
+            "cannot be used with method='hutch++' (its sketch takes the trace over all "
+            "entries: no coordinates, weights or sigma)",
+            given_with[conflict],
+            f"Use method='hutchinson' (or 'exact') with {conflict}=, or drop {conflict}.",
         )
     if quantity == "hvp" and request.out_numel != 1:
         _refuse_non_scalar(request)
@@ -581,7 +583,7 @@ def _per_sample_coefficient(
         return None
     try:
         w = torch.as_tensor(weights if sigma is None else sigma)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
         return None  # `_selection` says what is wrong
     if sigma is not None:
         return "sigma" if w.dim() == 3 else None
@@ -626,6 +628,8 @@ def _carried(request: Request, generator: Any, given: Any, vectors: Any) -> Any:
         return seeds
     x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
     coefficient = torch.as_tensor(given, dtype=x.dtype, device=x.device)
+    if not obj.create_graph:  # detached results, as the derivative's
+        coefficient = coefficient.detach()
     if request.per_sample == "weights":
         coefficient = coefficient.reshape(len(coefficient), -1)
     return coefficient if seeds is None else (seeds, coefficient)
@@ -701,9 +705,10 @@ def _selection(
         return _checked_sigma(function, obj, indices, count, weights, sigma, per_sample)
     if weights is None:
         return _Selection(indices, None, None, 0)
+    _check_real(function, "weights", weights)
     try:
         w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
         w = None
     if per_sample is None and (w is None or w.numel() != count or w.dim() > max(1, len(shape))):
         size = obj.batch_size()
@@ -719,7 +724,17 @@ def _selection(
     if per_sample is not None:  # in the objective's vectors, not the request
         return _Selection(indices, None, None, 0)
     assert w is not None
-    return _Selection(indices, w.reshape(-1), None, 0)
+    return _Selection(indices, (w if obj.create_graph else w.detach()).reshape(-1), None, 0)
+
+
+def _check_real(function: str, name: str, value: Any) -> None:
+    """Refuse a complex coefficient (casting it would drop its imaginary part) and a
+    boolean one (a mask passed to the wrong argument)."""
+    if (isinstance(value, torch.Tensor) and value.is_complex()) or isinstance(value, complex):
+        argument_error(function, name, "must be real", value, f"Pass a real {name}.")
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        argument_error(function, name, "must hold numbers, not booleans", value,
+                       "Pass a float tensor (a mask of entries is coordinates=).")  # fmt: skip
 
 
 def _checked_sigma(
@@ -742,9 +757,10 @@ def _checked_sigma(
         )
     x = obj.xs[obj.argnums[0]] if obj.argnums else obj.xs[0]
     size = obj.batch_size()
+    _check_real(function, "sigma", sigma)
     try:
         given = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
         given = None
     what = "coordinate" if indices else "entry of a sample"
     expected = (count,) if per_sample is None else (size, count)
@@ -765,7 +781,7 @@ def _checked_sigma(
                        "Pass sigma of shape [D, K] with K >= 1.")  # fmt: skip
     if per_sample is not None:  # in the objective's vectors, not the request
         return _Selection(indices, None, None, rank)
-    return _Selection(indices, None, given, rank)
+    return _Selection(indices, None, given if obj.create_graph else given.detach(), rank)
 
 
 def _eigen_request(request: Request, k: Any, iterations: Any) -> Request:
@@ -1818,18 +1834,22 @@ def per_sample_laplacian(
         coordinates: The entries the sum runs over: flat indices into one sample's
             differentiated entries (in order, over all of them with tuple `argnums`), or
             a boolean mask of one sample's shape. None: all.
-        weights: One weight per coordinate (per entry of a sample without
-            coordinates, flat or in the sample's shape), the same for every sample; or
-            a row of them per sample, ``[B, D]`` (``[B, *x.shape[1:]]``).
+        weights: One weight per coordinate, ``[D]``, the same for every sample, or a
+            row of them per sample, ``[B, D]``; without coordinates ``D`` is every
+            entry of a sample, flat or in the sample's shape (``[B, *x.shape[1:]]``
+            per sample). Converted to the input's dtype and device; not broadcast
+            (``[1, D]`` with ``B > 1`` is refused).
         sigma: The coefficient matrix of ``tr(sigma sigma^T H)``, one row per
-            coordinate (per entry without coordinates): ``[D, K]``, the same for every
-            sample, or ``[B, D, K]``. Not with `weights`.
+            coordinate (per entry of a sample, flat, without coordinates): ``[D, K]``,
+            the same for every sample, or ``[B, D, K]``. Converted like `weights`; not
+            with them.
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
         num_samples: Hessian-vector products per sample, for the estimates (Hutch++
             uses ``num_samples // 3`` for each of its three parts).
         generator: A CPU `torch.Generator` the estimate's seed is drawn from.
-        mode: A `torchcurv.hessian` mode, ``"structured"``, ``"taylor"`` (one forward
-            of jets: the value, its derivatives along the coordinates and their
+        mode: A `torchcurv.hessian` mode, ``"structured"`` (``nn.Sequential`` MLPs:
+            the input Hessian by backpropagation, then its trace), ``"taylor"`` (one
+            forward of jets: the value, its derivatives along the coordinates and their
             collapsed second-order term, for models whose ops it has rules for) or
             ``"auto"``.
         chunk_size: ``"auto"``, None, an int (samples per chunk) or ``(batch, inner,

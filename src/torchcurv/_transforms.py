@@ -95,6 +95,13 @@ def probing() -> Any:
         _PROBING.reset(token)
 
 
+def copied_chunks(count: int, short_last: bool) -> range:
+    """The chunks of a stage of `count` chunks that probe mode copies from the first
+    (none outside it): the middle ones, the last full chunk kept when the last is
+    short (see `probing`)."""
+    return range(1, count - (2 if short_last else 1)) if _PROBING.get() else range(0)
+
+
 _VECTORISED: ContextVar[bool] = ContextVar("torchcurv_vectorised", default=False)
 
 
@@ -291,7 +298,7 @@ def _map_basis(
     # In probe mode a copy stands in for a middle chunk. The last full chunk is computed
     # too when the last chunk is short, so the probe sees a full chunk with the pieces
     # of the others already kept, as the real call does.
-    copied = range(1, len(starts) - (2 if total % step else 1)) if _PROBING.get() else range(0)
+    copied = copied_chunks(len(starts), total % step != 0)
     results: list[Any] = []
     trimmed = time.perf_counter()
     for index, start in enumerate(starts):

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from .._compat import DERIVATIVE_LOCK, tree_flatten, tree_unflatten
 from .._decompositions import corrected_ops
 from .._runner import Batch, Work, draws, vmapped, with_draws, with_nones
+from .._transforms import copied_chunks
 from . import Request, directions, embedded, trace_coefficients
 from ._graph import (
     CURVED_FUNCTIONS,
@@ -302,7 +303,13 @@ def _analyse(request: Request) -> _Plan | str:
         if kind is None:
             what = n.target if n.op != "call_function" else getattr(n.target, "__name__", n.target)
             if n.op == "call_module":
-                what = f"{n.target} ({type(module.get_submodule(str(n.target))).__name__})"
+                layer = module.get_submodule(str(n.target))
+                what = f"{n.target} ({type(layer).__name__})"
+                if _random(layer):
+                    return (
+                        f"{what} draws random numbers (dropout in training mode): call "
+                        ".eval() for its deterministic forward, or use a generic mode"
+                    )
             return f"it has no rule for {what!s} (node {n.name!r})"
         kinds[n.name] = kind
         if kind != "shape":  # a shape, dtype or device is a constant
@@ -338,7 +345,8 @@ class TaylorEngine:
         ):  # fmt: skip
             return (
                 "its Hutchinson estimate is of unweighted traces (v^T H v per probe; a "
-                "diagonal or weights need H v)"
+                "diagonal or weights need H v; weights w >= 0 are sigma = diag(sqrt(w)), "
+                "which it takes: the same expectation, another estimator)"
             )
         if request.method not in ("exact", "hutchinson"):
             method = request.method
@@ -424,12 +432,15 @@ class TaylorEngine:
                 weights = weights.to(dtype=like.dtype, device=like.device)
             if chunk is None or chunk >= len(rows):
                 return along(inputs, x, target, rows, weights)
-            pieces = [
-                along(inputs, x, target, part, None if weights is None else weights[i : i + chunk])
-                for i, part in zip(
-                    range(0, len(rows), chunk), torch.split(rows, chunk), strict=True
-                )
-            ]
+            starts = range(0, len(rows), chunk)
+            copied = copied_chunks(len(starts), len(rows) % chunk != 0)  # the planner's probe
+            pieces: list[Tensor] = []
+            for index, i in enumerate(starts):
+                if index in copied:
+                    pieces.append(pieces[0].clone())
+                    continue
+                part = None if weights is None else weights[i : i + chunk]
+                pieces.append(along(inputs, x, target, rows[i : i + chunk], part))
             if collapse:
                 return torch.stack(pieces).sum(0)
             return torch.cat(pieces, dim=-1)
