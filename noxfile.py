@@ -10,6 +10,9 @@ Sessions:
     typecheck  mypy --strict on src/torchcurv (config in pyproject.toml)
     docs       sphinx-build -W --keep-going into docs/_build/html
     demo       python -m torchcurv demo (posargs passed through)
+    package    build the wheel and sdist, install the wheel (not editable) with torch
+               and the demo extra in a clean environment, and run what a new user
+               runs there: the README's first example, the demo, the harness import
     bench      python benchmarks/run.py (posargs passed through)
 
 Every session that needs torch installs the pinned CPU wheel first, so that pip never
@@ -18,7 +21,10 @@ resolves ``torch`` to a (multi-GB) CUDA build.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+from pathlib import Path
 
 import nox
 import nox.command
@@ -93,6 +99,37 @@ def docs(session: nox.Session) -> None:
         session.error("docs/conf.py does not exist yet; nothing to build")
     install_project(session, "docs,demo")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    tmp = Path(session.create_tmp()).resolve()
+    dist = tmp / "dist"
+    for old in glob.glob(str(dist / "*")):
+        os.remove(old)
+    session.install("build")
+    session.run("python", "-m", "build", "--outdir", str(dist), ".")
+    wheels = glob.glob(str(dist / "*.whl"))
+    if len(wheels) != 1 or not glob.glob(str(dist / "*.tar.gz")):
+        session.error(f"expected one wheel and one sdist in {dist}, got {os.listdir(dist)}")
+    session.install("--no-compile", TORCH)
+    session.install(f"{wheels[0]}[demo]")
+    readme = Path("README.md").read_text(encoding="utf-8")
+    first = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
+    if first is None:
+        session.error("README.md has no python example")
+    example = tmp / "readme_first_example.py"
+    example.write_text(first.group(1), encoding="utf-8")
+    session.chdir(tmp)  # away from the source tree: the installed package is imported
+    session.run("python", "-c", "import torchcurv, sys; print(torchcurv.__file__); "
+                "assert 'site-packages' in torchcurv.__file__")  # fmt: skip
+    session.run("python", str(example))
+    session.run("python", "-c", "import sys, torchcurv.testing; "
+                "assert 'hypothesis' not in sys.modules, 'it imported hypothesis'")  # fmt: skip
+    session.run("python", "-m", "torchcurv", "demo", "--batch", "16", "--epochs", "2",
+                "--no-progress")  # fmt: skip
+    if not (tmp / "torchcurv_demo.png").exists():
+        session.error("the demo drew no picture")
 
 
 @nox.session
