@@ -55,7 +55,7 @@ def _truthy(value: str | None) -> bool:
 @nox.session
 def tests(session: nox.Session) -> None:
     # demo and docs too: their tests (the demo, the docs' API coverage) must run, not skip.
-    install_project(session, "test,demo,docs")
+    install_project(session, "test,demo,docs,datasets")
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     env = {"HYPOTHESIS_PROFILE": "dev"}
     if _truthy(os.environ.get("CI")):
@@ -97,7 +97,7 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     if not os.path.exists("docs/conf.py"):
         session.error("docs/conf.py does not exist yet; nothing to build")
-    install_project(session, "docs,demo")
+    install_project(session, "docs,demo,datasets")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 

@@ -4,6 +4,9 @@ import importlib
 from typing import Any
 
 from . import reference as reference
+from ._datasets import map_dataset as map_dataset
+from ._datasets import open_results as open_results
+from ._datasets import reduce_dataset as reduce_dataset
 from ._errors import MemoryBudgetError as MemoryBudgetError
 from ._errors import TorchcurvError as TorchcurvError
 from ._errors import TorchcurvFallbackWarning as TorchcurvFallbackWarning
@@ -55,6 +58,10 @@ __all__ = [  # noqa: RUF022 - grouped by topic, as the docs are
     "per_sample_hessian_eigvalsh",
     "per_sample_hvp",
     "per_sample_laplacian",
+    # datasets
+    "map_dataset",
+    "open_results",
+    "reduce_dataset",
     # decisions and memory
     "Decision",
     "explain",
