@@ -12,6 +12,7 @@ scikit-learn's bundled 8 x 8 digits, upscaled to 28 x 28.
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from matplotlib.colors import SymLogNorm
 from sklearn.datasets import load_digits
 
 import torchcurv
@@ -46,12 +47,15 @@ M = torchcurv.to_matrix(H[0], two[0])
 print(tuple(M.shape), "symmetric:", torch.allclose(M, M.T))
 
 # %%
-# Left: the whole matrix. Middle: the block of image rows 12-15 against themselves
-# (pixel ``(r, c)`` is row/column ``28 r + c``). Right: the digit and the Hessian's
-# diagonal drawn as an image: the curvature of the logit pixel by pixel.
+# From the left: the whole matrix (on a symmetric log scale: most entries are tiny);
+# the block of image rows 12-15 against themselves (pixel ``(r, c)`` is row/column
+# ``28 r + c``); the digit; the Hessian's diagonal drawn as an image, the curvature of
+# the logit pixel by pixel.
+
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), width_ratios=[1.15, 1.15, 1, 1])
 bound = float(M.abs().max())
-axes[0].imshow(M, cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+axes[0].imshow(M, cmap="RdBu_r", norm=SymLogNorm(bound * 1e-3, vmin=-bound, vmax=bound),
+               interpolation="nearest")  # fmt: skip
 axes[0].set_title("784 x 784 Hessian")
 block = slice(28 * 12, 28 * 16)
 axes[0].add_patch(plt.Rectangle((block.start, block.start), 112, 112, fill=False, lw=1))

@@ -17,6 +17,9 @@ import torch
 
 import torchcurv
 
+# One thread, as this page was built: on a busy or small machine, torch's threads
+# contend with each other and timings swing.
+torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(
     torch.nn.Linear(10, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),

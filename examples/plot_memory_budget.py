@@ -17,6 +17,9 @@ import torch
 
 import torchcurv
 
+# One thread, as this page was built: on a busy or small machine, torch's threads
+# contend with each other and timings swing.
+torch.set_num_threads(1)
 torch.manual_seed(0)
 cnn = torch.nn.Sequential(
     torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Tanh(),

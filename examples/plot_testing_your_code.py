@@ -8,7 +8,9 @@ backward per row, in float64), with a tolerance policy that scales with the resu
 Here, a closed-form input Hessian of a one-hidden-layer tanh network: the right formula
 and a plausible wrong one (the second-derivative term's sign flipped). The harness
 accepts the first and rejects the second; the picture shows where they differ.
-`torchcurv.testing.check_model` runs the same check on a whole model, every engine.
+`torchcurv.testing.check_model` runs the same check on a model: the Hessians of its
+first samples (three by default), computed as `torchcurv.per_sample_hessian` computes
+them in the mode given, against the loop.
 """
 
 # %%
@@ -48,17 +50,19 @@ except AssertionError as error:
     print("the wrong formula is caught:", str(error).splitlines()[0])
 
 # %%
-# The same check on a model: every sample's Hessian against the loop, in float64.
+# The same check on a model: its first three samples' Hessians against the loop, in
+# float64.
 model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 report = testing.check_model(model, torch.randn(8, 5), output=0)
 print(report)
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+fig, axes = plt.subplots(1, 4, figsize=(12, 3.2), layout="constrained")
 bound = float(reference.abs().max())
-for ax, (title, H) in zip(axes, [("the loop (reference)", reference),
-                                 ("right formula", hessian_right(x)),
-                                 ("wrong formula", hessian_wrong(x))], strict=True):  # fmt: skip
+panels = [("the loop (reference)", reference), ("right formula", hessian_right(x)),
+          ("wrong formula", hessian_wrong(x)),
+          ("wrong - reference", hessian_wrong(x) - reference)]  # fmt: skip
+for ax, (title, H) in zip(axes, panels, strict=True):
     image = ax.imshow(H, cmap="RdBu_r", vmin=-bound, vmax=bound)
     ax.set_title(title)
     ax.set_xticks([])
