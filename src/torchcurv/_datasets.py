@@ -393,6 +393,16 @@ def open_results(out: str | os.PathLike[str]) -> Any:
 
     Raises:
         TorchcurvError: If `out` holds no store of `map_dataset`.
+
+    Example:
+        >>> import tempfile, torch, torchcurv
+        >>> from torch.utils.data import TensorDataset
+        >>> store = tempfile.mkdtemp() + "/pairs"
+        >>> data = TensorDataset(torch.arange(6.0).reshape(3, 2))
+        >>> _ = torchcurv.map_dataset(lambda b: {"sum": b[0].sum(1), "x": b[0]}, data, store)
+        >>> results = torchcurv.open_results(store)
+        >>> results["sum"][:].tolist(), results["x"].shape   # 0+1, 2+3, 4+5
+        ([1.0, 5.0, 9.0], (3, 2))
     """
     zarr = _zarr("open_results")
     path = Path(out)
